@@ -1,0 +1,72 @@
+"""The one seam to ``torch.distributed``: rank info and collectives that are no-ops at world size 1.
+
+Every function works with no process group initialized (a single process), so the core modules and
+their tests never branch on the launcher. Accelerate initializes the process group; this module only
+reads it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as torch_dist
+import torch.distributed.nn.functional as dist_fn
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is initialized."""
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, out of place, no gradient. Returns ``tensor`` itself at world size 1."""
+    if not is_distributed():
+        return tensor
+    out = tensor.detach().clone()
+    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_sum_differentiable(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks whose backward sums the incoming gradients over ranks too.
+
+    This is what makes a rank's loss reach the features of every other rank through a shared
+    statistic (the per-group sums of ALGORITHM.md step 3).
+    """
+    if not is_distributed():
+        return tensor
+    return dist_fn.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor from every rank along dim 0, in rank order; ranks may hold different row counts."""
+    if not is_distributed():
+        return tensor
+    n = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    torch_dist.all_gather(sizes, n)
+    rows = [int(s.item()) for s in sizes]
+    padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in rows]
+    torch_dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:r] for p, r in zip(parts, rows)])
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` in place with rank ``src``'s copy and return it."""
+    if is_distributed():
+        torch_dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch_dist.barrier()
