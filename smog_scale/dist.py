@@ -7,6 +7,8 @@ reads it.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as torch_dist
 import torch.distributed.nn.functional as dist_fn
@@ -42,7 +44,11 @@ def all_reduce_sum_differentiable(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return tensor
-    return dist_fn.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    # Deprecated in torch 2.14 in favour of _functional_collectives, whose autograd support is new
+    # there; this one is differentiable on every torch the project supports.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return dist_fn.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""Group features G: cosine assignment and the synchronous momentum update (ALGORITHM.md steps 1-3, 5).
+
+The update is one vectorized ``index_add`` over the batch plus a differentiable all-reduce of the
+per-group sums, so G' is the global-batch result on every rank and the loss of any rank reaches the
+features of every rank through the (1 - beta) * mean term.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from smog_scale import dist
+
+
+def _check_dims(groups: torch.Tensor, feats: torch.Tensor) -> None:
+    if groups.ndim != 2 or feats.ndim != 2 or groups.shape[1] != feats.shape[1]:
+        raise ValueError(
+            f"groups are {tuple(groups.shape)} (K x D) but features are {tuple(feats.shape)} (B x D): "
+            f"dimension {groups.shape[-1]} != {feats.shape[-1]}"
+        )
+
+
+def similarities(groups: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities [B, K] of features [B, D] to groups [K, D] (groups assumed unit-norm)."""
+    _check_dims(groups, feats)
+    return F.normalize(feats, dim=1) @ groups.t()
+
+
+def assign(groups: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """Index [B] (long) of the most cosine-similar group for each feature; never differentiable."""
+    _check_dims(groups, feats)
+    with torch.no_grad():  # argmax_k <z/|z|, g_k> = argmax_k <z, g_k>: the feature norm is irrelevant
+        sims = feats @ F.normalize(groups, dim=1).t().to(feats.dtype)
+        if sims.device.type == "cpu" and sims.dtype in (torch.float32, torch.float64):
+            # torch's CPU row argmax is ~10x slower than numpy's (5.5 vs 0.4 ms at 1024 x 3000, one thread)
+            return torch.from_numpy(sims.numpy().argmax(axis=1))
+        return sims.argmax(dim=1)
+
+
+class GroupUpdate(NamedTuple):
+    """G' with its global-batch statistics.
+
+    new_groups: [K, D] g' (not renormalized; gradient flows into the features that built it).
+    counts: [K] long, members of each group over the global batch.
+    """
+
+    new_groups: torch.Tensor
+    counts: torch.Tensor
+
+
+def momentum_update_from_assignments(
+    groups: torch.Tensor, feats: torch.Tensor, assignments: torch.Tensor, beta: float | torch.Tensor
+) -> GroupUpdate:
+    """ALGORITHM.md step 3 given the assignments c [B] of ``feats`` [B, D] to ``groups`` [K, D].
+
+    g'_k = beta * g_k + (1 - beta) * mean_{i: c_i = k} z_i over the GLOBAL batch, written as
+    g_k + sum_{i: c_i = k} (1 - beta) / n_k * (z_i - g_k) so the work is O(B*D) scatter plus one
+    [K, D] add instead of several [K, D] passes; the per-group sums are all-reduced differentiably
+    and the counts n_k plainly. Groups without members keep g_k exactly.
+    """
+    _check_dims(groups, feats)
+    num_groups = groups.shape[0]
+    groups = groups.to(feats.dtype)
+    counts = dist.all_reduce_sum(torch.bincount(assignments, minlength=num_groups))
+    weights = ((1 - beta) / counts.clamp(min=1).to(feats.dtype))[assignments].unsqueeze(1)
+    steps = weights * (feats - groups[assignments])
+    delta = feats.new_zeros(num_groups, feats.shape[1]).index_add(0, assignments, steps)
+    return GroupUpdate(groups + dist.all_reduce_sum_differentiable(delta), counts)
+
+
+def momentum_update(groups: torch.Tensor, feats: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
+    """G' [K, D] after the synchronous momentum update of ``groups`` [K, D] with ``feats`` [B, D].
+
+    Assigns each feature to its most cosine-similar group (step 2) and applies step 3; with a process
+    group initialized the update covers every rank's features.
+    """
+    return momentum_update_from_assignments(groups, feats, assign(groups, feats), beta).new_groups
+
+
+class GroupBank(torch.nn.Module):
+    """G as checkpointed state (a buffer, not a parameter), identical on every rank.
+
+    ``commit`` writes G <- normalize(g') only when the step was finite, without a host sync: the
+    finiteness flag stays on the device and selects between the old and new G.
+    """
+
+    def __init__(self, num_groups: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("groups", F.normalize(torch.randn(num_groups, dim), dim=1))
+
+    @property
+    def num_groups(self) -> int:
+        return self.groups.shape[0]
+
+    @torch.no_grad()
+    def commit(self, new_groups: torch.Tensor, ok: torch.Tensor) -> None:
+        """ALGORITHM.md step 5: G <- stop_grad(normalize(g')) where ``ok`` (0-dim bool) is true."""
+        candidate = F.normalize(new_groups.detach().float(), dim=1)
+        self.groups.copy_(torch.where(ok, candidate, self.groups))
+
+    @torch.no_grad()
+    def set(self, centroids: torch.Tensor) -> None:
+        """Replace G after re-grouping (centroids [K, D], identical on every rank)."""
+        if centroids.shape != self.groups.shape:
+            raise ValueError(f"centroids are {tuple(centroids.shape)}, groups are {tuple(self.groups.shape)}")
+        self.groups.copy_(F.normalize(centroids.float(), dim=1))

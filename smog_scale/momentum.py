@@ -1,0 +1,44 @@
+"""Momentum encoder maintenance: EMA of the online weights and the full reset at re-grouping.
+
+An explicit loop step under ``no_grad`` (STYLE take 9), never inside ``forward``; the EMA is one
+foreach lerp over all parameters as in timm's ``ModelEmaV3``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _float_and_other_buffers(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    buffers = list(module.buffers())
+    return [b for b in buffers if b.is_floating_point()], [b for b in buffers if not b.is_floating_point()]
+
+
+def _check_pair(online: nn.Module, momentum: nn.Module) -> None:
+    o, m = [p.shape for p in online.parameters()], [p.shape for p in momentum.parameters()]
+    if o != m:
+        raise ValueError(f"online and momentum encoders differ: {len(o)} vs {len(m)} parameters")
+
+
+@torch.no_grad()
+def ema_update(online: nn.Module, momentum: nn.Module, m: float) -> None:
+    """momentum <- m * momentum + (1 - m) * online, parameters and float buffers (BN statistics)."""
+    online_params, momentum_params = list(online.parameters()), list(momentum.parameters())
+    torch._foreach_lerp_(momentum_params, online_params, 1.0 - m)
+    online_float, online_other = _float_and_other_buffers(online)
+    momentum_float, momentum_other = _float_and_other_buffers(momentum)
+    if online_float:
+        torch._foreach_lerp_(momentum_float, online_float, 1.0 - m)
+    for target, source in zip(momentum_other, online_other):
+        target.copy_(source)
+
+
+@torch.no_grad()
+def reset(online: nn.Module, momentum: nn.Module) -> None:
+    """momentum <- online, every parameter and buffer (ALGORITHM.md re-grouping step 3)."""
+    _check_pair(online, momentum)
+    for target, source in zip(momentum.parameters(), online.parameters()):
+        target.copy_(source)
+    for target, source in zip(momentum.buffers(), online.buffers()):
+        target.copy_(source)
