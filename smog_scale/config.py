@@ -1,0 +1,282 @@
+"""The recipe schema: nested dataclasses loaded from YAML plus dotted overrides, validated once.
+
+Every field's comment gives its source or recommended range and how it fails. Errors are
+``ConfigError`` with one line naming the key; ``train.py`` turns them into exit code 2 before any
+work starts. Derived values (``global_batch_size``, ``scaled_lr``, ...) are computed from a frozen
+config by ``derived()``, never written back into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/default"  # run folder: config.yaml, metrics.jsonl, checkpoints/, tensorboard/
+    max_steps: int | None = None  # stop after this many steps; schedules keep their full-length shape
+    seed: int = 0
+    log_every: int = 10  # steps between metric reductions across ranks (each one syncs)
+    save_every: int = 1000  # steps between checkpoints; one is always written at the end
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    resume: str = "auto"  # "auto": newest complete checkpoint in output_dir; "never"; or a checkpoint path
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # also "wandb"
+    max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) steps before the job stops
+    mixed_precision: Literal["launcher", "no", "bf16", "fp16"] = "launcher"  # "launcher": accelerate's flag
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_shards: str = ""  # WebDataset URL pattern: /path/in1k-{000000..001023}.tar, http(s)://..., pipe:...
+    num_samples: int | None = None  # samples per epoch; read from manifest.json beside the shards if unset
+    num_workers: int = 8  # loader processes per rank; 8-12 per GPU at 224 px with multi-crop
+    shuffle_buffer: int = 5000  # samples; larger mixes better, costs memory (~100 kB per sample)
+    # Crop records (multicrop.CropSpec fields); global crops first. BYOL asymmetric recipe by default.
+    crops: list[dict[str, Any]] = field(
+        default_factory=lambda: [
+            dict(size=224, count=1, scale=[0.14, 1.0], blur_p=1.0, solarize_p=0.0),
+            dict(size=224, count=1, scale=[0.14, 1.0], blur_p=0.1, solarize_p=0.2),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet50"  # any timm name, plus resnet50x2 / resnet50x4 (SimCLR widths)
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    proj_hidden_dim: int = 2048  # ALGORITHM.md networks (BYOL)
+    proj_dim: int = 128  # D, the group feature dimension (paper)
+    pred_hidden_dim: int = 2048
+    sync_bn: bool = True  # SyncBatchNorm in backbone and heads when world size > 1
+    channels_last: bool = True  # faster convolutions on GPU; ignored for transformers
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass(frozen=True)
+class GroupingConfig:
+    num_groups: int = 3000  # K (paper: 300 -> 65.2, 1000 -> 67.0, 3000 -> 67.2 top-1 at 100 ep)
+    tau: float = 0.1  # temperature (paper); below 0.05 the loss becomes peaky and unstable
+    beta_start: float = 1.0  # group momentum, linear schedule 1.0 -> 0.99 (paper ablation 7a)
+    beta_end: float = 0.99
+    regroup_every: int = 300  # steps between k-means re-groupings (our choice; paper: "periodically")
+    cache_size: int = 65536  # features kept per rank for k-means; must be >= num_groups / world size
+    cache_features: Literal["momentum", "online"] = "momentum"  # ALGORITHM.md step 6 (choice)
+    kmeans_mode: Literal["gather", "sharded"] = "gather"  # "sharded" when the union does not fit one rank
+    kmeans_iters: int = 20
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["lars", "sgd", "adamw"] = "lars"  # LARS for ResNets (BYOL), AdamW for Swin (MoCo v3)
+    epochs: int = 400
+    global_batch_size: int = 4096  # images per optimizer step over all ranks (paper: 4096; 2048 for 400 ep)
+    grad_accum_steps: int = 1  # per-device batch = global / (world size * accumulation); must divide
+    base_lr: float = 0.3  # per 256 images: lr = base_lr * global_batch / 256 (BYOL: 0.2-0.3 with LARS)
+    final_lr: float = 0.0
+    warmup_epochs: float = 10.0  # per-step linear warm-up (BYOL)
+    weight_decay: float = 1.5e-6  # BYOL LARS; AdamW recipes use 0.05 (MoCo v3)
+    momentum: float = 0.9  # SGD/LARS momentum
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    trust_coeff: float = 0.001  # LARS trust coefficient (timm default)
+    ema_start: float = 0.99  # momentum encoder m: cosine 0.99 -> 1.0 (BYOL)
+    clip_grad_norm: float | None = None  # clip the global gradient norm; None: no clipping
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    grouping: GroupingConfig = field(default_factory=GroupingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {full!r}{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a section (mapping), got {value!r}")
+            kwargs[key] = _build(hints[key], value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Recipe YAML, then ``dotted.key=value`` overrides (values parsed as YAML), validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections")
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    config = _build(Config, values, "")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks across fields that types alone cannot express; raises ConfigError naming the key."""
+    checks = [
+        (config.data.train_shards != "", "data.train_shards: no training shards given"),
+        (config.optim.global_batch_size > 0, "optim.global_batch_size must be positive"),
+        (config.optim.grad_accum_steps > 0, "optim.grad_accum_steps must be positive"),
+        (config.optim.epochs > 0, "optim.epochs must be positive"),
+        (0 < config.grouping.tau, "grouping.tau must be positive"),
+        (0 <= config.grouping.beta_end <= 1 and 0 <= config.grouping.beta_start <= 1,
+         "grouping.beta_start/beta_end must lie in [0, 1]"),
+        (0 <= config.optim.ema_start <= 1, "optim.ema_start must lie in [0, 1]"),
+        (config.grouping.regroup_every > 0, "grouping.regroup_every must be positive"),
+        (config.grouping.num_groups >= 2, "grouping.num_groups must be at least 2"),
+        (config.run.max_steps is None or config.run.max_steps > 0, "run.max_steps must be positive"),
+        (config.run.keep_last >= 1, "run.keep_last must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    specs = crop_specs(config)
+    if sum(spec.count for spec in specs if spec.size == specs[0].size) < 2:
+        raise ConfigError("data.crops: the first crop size must have at least 2 views (the global views a, b)")
+
+
+def crop_specs(config: Config) -> list:
+    """``data.crops`` as ``multicrop.CropSpec`` records; a bad field fails naming its index and key."""
+    from smog_scale.data.multicrop import CropSpec  # torchvision import deferred to validation
+
+    names = [f.name for f in dataclasses.fields(CropSpec)]
+    specs = []
+    for index, record in enumerate(config.data.crops):
+        for key in record:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+                raise ConfigError(f"unknown key 'data.crops[{index}].{key}'{hint}")
+        try:
+            specs.append(CropSpec(**record))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"data.crops[{index}]: {err}") from err
+    return specs
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the config and the launch, logged and saved; never written into the config."""
+
+    world_size: int
+    batch_size_per_device: int
+    num_samples: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    scaled_lr: float
+
+
+def derive(config: Config, world_size: int, num_samples: int) -> Derived:
+    """Per-device batch, schedule lengths and the scaled learning rate for this launch.
+
+    Raises ConfigError when the global batch does not split evenly over ranks x accumulation, when
+    the union of the feature caches cannot hold K groups, or when an epoch is shorter than a step.
+    """
+    optim, grouping = config.optim, config.grouping
+    split = world_size * optim.grad_accum_steps
+    if optim.global_batch_size % split:
+        raise ConfigError(
+            f"optim.global_batch_size={optim.global_batch_size} is not divisible by world size {world_size} "
+            f"x optim.grad_accum_steps={optim.grad_accum_steps}"
+        )
+    if grouping.num_groups > grouping.cache_size * world_size:
+        raise ConfigError(
+            f"grouping.num_groups={grouping.num_groups} exceeds the feature cache: grouping.cache_size="
+            f"{grouping.cache_size} x {world_size} rank(s) = {grouping.cache_size * world_size} features"
+        )
+    steps_per_epoch = num_samples // optim.global_batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(f"data.num_samples={num_samples} is smaller than optim.global_batch_size={optim.global_batch_size}")
+    return Derived(
+        world_size=world_size,
+        batch_size_per_device=optim.global_batch_size // split,
+        num_samples=num_samples,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * optim.epochs,
+        warmup_steps=round(steps_per_epoch * optim.warmup_epochs),
+        scaled_lr=optim.base_lr * optim.global_batch_size / 256,
+    )
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump(config: Config, path: str | Path, derived: Derived | None = None) -> None:
+    """Write the resolved config (and the values derived for this launch) as YAML."""
+    tree = to_dict(config)
+    if derived is not None:
+        tree["derived"] = dataclasses.asdict(derived)
+    Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))

@@ -1,0 +1,166 @@
+"""SMoG pretraining: ``accelerate launch smog_scale/train.py recipes/<name>.yaml [dotted.key=value ...]``.
+
+The same command runs on a laptop CPU, one GPU, 8 GPUs or several nodes; the launcher decides.
+Exit codes: 0 done or pre-empted (checkpoint written), 1 stopped on non-finite steps, 2 bad recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+
+from smog_scale import checkpoint, config, dist
+from smog_scale.config import ConfigError
+from smog_scale.data.shards import build_train_loader, check_shards, read_manifest
+from smog_scale.engine import TrainState, train_step
+from smog_scale.feature_cache import FeatureCache
+from smog_scale.grouping import GroupBank
+from smog_scale.kmeans import fit as kmeans_fit
+from smog_scale.metrics import RunLog
+from smog_scale.models.smog import SMoGModel
+from smog_scale.optim import build_optimizer
+
+
+def make_accelerator(cfg: config.Config) -> Accelerator:
+    """Accelerator for this launch; precision from the launcher unless the recipe sets it."""
+    precision = {} if cfg.run.mixed_precision == "launcher" else {"mixed_precision": cfg.run.mixed_precision}
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+                              log_with=cfg.run.trackers or None, project_dir=cfg.run.output_dir, **precision)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.optim.name == "lars":
+        raise ConfigError("optim.name=lars cannot run under DeepSpeed ZeRO: its flattened partitions break "
+                          "LARS's per-parameter trust ratio; use DDP (no DeepSpeed) or optim.name=adamw")
+    return accelerator
+
+
+def num_samples(cfg: config.Config) -> int:
+    """Samples per epoch: the recipe's, else the shards' manifest; missing shards fail here."""
+    check_shards(cfg.data.train_shards)
+    if cfg.data.num_samples is not None:
+        return cfg.data.num_samples
+    try:
+        return int(read_manifest(cfg.data.train_shards)["num_samples"])
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise ConfigError(f"data.num_samples is not set and no manifest gives it: {err}") from err
+
+
+def build(cfg: config.Config, accelerator: Accelerator) -> TrainState:
+    """Model, optimizer, groups and cache for this launch, prepared by Accelerate."""
+    derived = config.derive(cfg, accelerator.num_processes, num_samples(cfg))
+    Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        config.dump(cfg, Path(cfg.run.output_dir) / "config.yaml", derived)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
+            derived.batch_size_per_device
+    set_seed(cfg.run.seed)
+    mc = cfg.model
+    model = SMoGModel(mc.backbone, mc.proj_hidden_dim, mc.proj_dim, mc.pred_hidden_dim, mc.backbone_kwargs)
+    if mc.sync_bn and accelerator.num_processes > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if mc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim, derived.scaled_lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if mc.compile:
+        model = torch.compile(model)
+    bank = GroupBank(cfg.grouping.num_groups, mc.proj_dim).to(accelerator.device)
+    dist.broadcast(bank.groups)
+    cache = FeatureCache(cfg.grouping.cache_size, mc.proj_dim).to(accelerator.device)
+    return TrainState(cfg, derived, accelerator, model, optimizer, bank, cache)
+
+
+def regroup(state: TrainState, log: RunLog) -> None:
+    """k-means over all ranks' caches -> G, then reset the momentum encoder (ALGORITHM.md)."""
+    feats, _ = state.cache.contents()
+    available = int(dist.all_reduce_sum(torch.tensor([feats.shape[0]], device=feats.device)).item())
+    if available < state.bank.num_groups:
+        log.message(f"step {state.global_step}: re-grouping skipped, {available} cached features < K")
+        return
+    g = state.cfg.grouping
+    result = kmeans_fit(feats, g.num_groups, mode=g.kmeans_mode, iters=g.kmeans_iters,
+                        seed=state.cfg.run.seed + state.global_step)
+    state.bank.set(result.centroids.to(state.bank.groups.device))
+    state.accelerator.unwrap_model(state.model).reset_momentum()
+    log.regroup(state, result)
+
+
+def save(state: TrainState) -> Path:
+    return checkpoint.save(state.accelerator, state.cfg.run.output_dir, state.global_step, state.bank,
+                           state.cache, state.counters(), state.cfg.run.keep_last)
+
+
+def train(state: TrainState, log: RunLog) -> int:
+    cfg, derived = state.cfg, state.derived
+    last_step = min(cfg.run.max_steps or derived.total_steps, derived.total_steps)
+    while state.global_step < last_step:
+        epoch, done = divmod(state.global_step, derived.steps_per_epoch)
+        loader = build_train_loader(
+            cfg.data.train_shards, crops=config.crop_specs(cfg), batch_size=derived.batch_size_per_device,
+            num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=epoch, rank=dist.rank(),
+            world_size=dist.world_size(), num_samples=derived.num_samples,
+            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=done * cfg.optim.grad_accum_steps)
+        waited = time.perf_counter()
+        for batch in loader:
+            log.data_wait(time.perf_counter() - waited)
+            metrics = train_step(state, batch)
+            if state.accelerator.sync_gradients:
+                step = state.global_step
+                if step % cfg.run.log_every == 0 or step == last_step:
+                    log.step(state, metrics)
+                if step % cfg.grouping.regroup_every == 0:
+                    regroup(state, log)
+                if state.stop_requested:
+                    log.message(f"stop requested (SIGTERM/SIGUSR1): saved {save(state)}, exiting")
+                    return 0
+                if state.nonfinite_streak >= cfg.run.max_nonfinite_steps:
+                    log.message(f"{state.nonfinite_streak} non-finite steps in a row at step {step}: saved "
+                                f"{save(state)}; lower the learning rate or check the data, then resume")
+                    return 1
+                if step % cfg.run.save_every == 0 or step >= last_step:
+                    save(state)
+                if step >= last_step:
+                    break
+            waited = time.perf_counter()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="recipes/<name>.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.epochs=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.recipe, args.overrides)
+        accelerator = make_accelerator(cfg)
+        state = build(cfg, accelerator)
+    except ConfigError as err:
+        print(f"smog_scale: error: {err}", file=sys.stderr)
+        return 2
+    log = RunLog(state)
+    resume_from = checkpoint.resolve(cfg.run.resume, cfg.run.output_dir)
+    if resume_from is not None:
+        for key, value in checkpoint.load(accelerator, resume_from, state.bank, state.cache).items():
+            if hasattr(state, key):
+                setattr(state, key, value)
+        log.message(f"resumed from {resume_from} at step {state.global_step}")
+
+    def request_stop(signum: int, _frame: object) -> None:
+        state.stop_requested = True
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, request_stop)
+    try:
+        return train(state, log)
+    finally:
+        log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
