@@ -53,9 +53,12 @@ def read_shards(out_dir: Path) -> dict[str, tuple[int, bytes, str]]:
             for member in tar:
                 key, ext = member.name.rsplit(".", 1)
                 assert ext not in members[key], f"{key}.{ext} is in more than one place"
-                members[key][ext] = tar.extractfile(member).read()
+                data = tar.extractfile(member)
+                assert data is not None, member.name
+                members[key][ext] = data.read()
                 shard_of[key] = shard.name
-    return {k: (int(m["cls"]), m["jpg"], shard_of[k]) for k, m in members.items() if set(m) == {"cls", "jpg"}}
+    assert all(set(m) == {"cls", "jpg"} for m in members.values())
+    return {k: (int(m["cls"]), m["jpg"], shard_of[k]) for k, m in members.items()}
 
 
 def load_outputs(out_dir: Path) -> tuple[dict, dict]:
@@ -70,6 +73,8 @@ def check_accounting(out_dir: Path, num_inputs: int) -> dict[str, tuple[int, byt
     assert (out_dir / "classes.txt").read_text().splitlines() == manifest["classes"]
     assert manifest["num_samples"] == len(samples) == sum(s["samples"] for s in manifest["shards"])
     assert sorted(s["name"] for s in manifest["shards"]) == sorted(p.name for p in out_dir.glob("*.tar"))
+    for shard in manifest["shards"]:
+        assert shard["samples"] == sum(name == shard["name"] for _, _, name in samples.values())
     assert manifest["skipped"] == len(report["skipped"])
     assert report["inputs"] == num_inputs == len(samples) + len(report["skipped"]) + len(report["ignored"])
     assert not list((out_dir / PROGRESS_DIR).glob("*.tmp"))
@@ -82,13 +87,14 @@ def test_imagefolder_round_trip(tmp_path: Path) -> None:
     (tmp_path / "train" / "bee" / "notes.txt").write_text("not an image")
     (tmp_path / "train" / "cat" / "broken.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
     (tmp_path / "train" / "README").write_text("top-level file")
+    (tmp_path / "train" / "stray.JPEG").write_bytes(image_bytes(99))
     manifest = convert(tmp_path / "train", tmp_path / "out", ConvertOptions(samples_per_shard=4), progress=False)
 
-    samples = check_accounting(tmp_path / "out", num_inputs=len(expected) + 3)
+    samples = check_accounting(tmp_path / "out", num_inputs=len(expected) + 4)
     _, report = load_outputs(tmp_path / "out")
     assert manifest["classes"] == ["ant", "bee", "cat", "empty"]
     assert report["layout"] == "imagefolder" and report["empty_classes"] == ["empty"]
-    assert [s["path"].endswith("broken.JPEG") for s in report["skipped"]] == [True]
+    assert sorted(Path(s["path"]).name for s in report["skipped"]) == ["broken.JPEG", "stray.JPEG"]
     assert sorted(Path(i["path"]).name for i in report["ignored"]) == ["README", "notes.txt"]
     assert samples.keys() == expected.keys()
     for key, (class_name, data) in expected.items():
@@ -344,9 +350,10 @@ def test_output_of_another_conversion_is_refused(tmp_path: Path) -> None:
 
 def test_class_list_aligns_val_with_train(tmp_path: Path) -> None:
     (tmp_path / "val").mkdir()
-    for i, (stem, name) in enumerate([("x", "n02"), ("y", "n09"), ("z", "n01")]):
+    labels = {"x": "n02", "y": "n09", "z": "n01"}
+    for i, stem in enumerate(labels):
         (tmp_path / "val" / f"{stem}.JPEG").write_bytes(image_bytes(i))
-    (tmp_path / "val.txt").write_text("x.JPEG n02\ny.JPEG n09\nz.JPEG n01\n")
+    (tmp_path / "val.txt").write_text("".join(f"{stem}.JPEG {name}\n" for stem, name in labels.items()))
     (tmp_path / "classes.txt").write_text("n00\nn01\nn02\n")
     options = ConvertOptions(labels=tmp_path / "val.txt", classes=tmp_path / "classes.txt")
     manifest = convert(tmp_path / "val", tmp_path / "out", options, progress=False)
@@ -370,7 +377,10 @@ def test_tool_script_converts_with_worker_processes(tmp_path: Path) -> None:
     command = [sys.executable, str(REPO / "tools" / "make_shards.py"), str(tmp_path / "train"), str(tmp_path / "out")]
     result = subprocess.run(
         [*command, "--samples-per-shard", "2", "--workers", "2", "--prefix", "train"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "wrote 6 samples" in result.stderr

@@ -21,9 +21,9 @@ import argparse
 import csv
 import math
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -164,7 +164,7 @@ def write_demo(
     classes = class_names()
     renderers = _renderers()
     flat_labels: list[tuple[str, Image.Image]] = []
-    for split_index, (split, per_class) in enumerate(zip(SPLITS, (train_per_class, val_per_class))):
+    for split_index, (split, per_class) in enumerate(zip(SPLITS, (train_per_class, val_per_class), strict=True)):
         for class_index, name in enumerate(classes):
             rng = np.random.default_rng([seed, split_index, class_index])
             for i in range(per_class):
@@ -200,8 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-per-class", type=int, default=32, metavar="N", help="default: 32")
     parser.add_argument("--val-per-class", type=int, default=8, metavar="N", help="default: 8")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="default: 0")
-    parser.add_argument("--flat-val", action="store_true",
-                        help="write val/ as ImageNet's flat folder plus LOC_val_solution.csv")
+    parser.add_argument(
+        "--flat-val", action="store_true", help="write val/ as ImageNet's flat folder plus LOC_val_solution.csv"
+    )
     args = parser.parse_args(argv)
     try:
         summary = write_demo(args.out_dir, args.train_per_class, args.val_per_class, args.seed, args.flat_val)

@@ -28,9 +28,10 @@ import multiprocessing
 import os
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import webdataset as wds
 from PIL import Image
@@ -120,21 +121,21 @@ def encode_jpeg(data: bytes, max_side: int | None = None) -> Encoded:
     """
     with Image.open(io.BytesIO(data)) as probe:
         probe.verify()
-    image = Image.open(io.BytesIO(data))
-    source = f"{image.format}/{image.mode}"
-    resize = max_side is not None and max(image.size) > max_side
-    if resize:
-        image.draft(None, (max_side, max_side))  # JPEG: decode at a reduced scale, no smaller than asked
-    image.load()  # a truncated file fails here
-    plain = image.format in ("JPEG", "MPO") and image.mode == "RGB"
-    if plain and not resize:
-        return Encoded(data, None, False)
-    rgb = _to_rgb(image)
-    if resize:
-        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    with Image.open(io.BytesIO(data)) as image:
+        source = f"{image.format}/{image.mode}"
+        limit = max_side if max_side is not None and max(image.size) > max_side else None
+        if limit is not None:
+            image.draft(None, (limit, limit))  # JPEG: decode at a reduced scale, still no smaller than asked
+        image.load()  # a truncated file fails here
+        plain = image.format in ("JPEG", "MPO") and image.mode == "RGB"
+        if plain and limit is None:
+            return Encoded(data, None, False)
+        rgb = _to_rgb(image)
+    if limit is not None:
+        rgb.thumbnail((limit, limit), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     rgb.save(out, "JPEG", quality=JPEG_QUALITY)
-    return Encoded(out.getvalue(), None if plain else source, resize)
+    return Encoded(out.getvalue(), None if plain else source, limit is not None)
 
 
 def _read(image: InputImage) -> bytes:
@@ -182,9 +183,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _fingerprint(inventory: Inventory, shards: list[list[InputImage]], options: ConvertOptions) -> str:
     """Identifies the plan by relative keys, so the source may move between a run and its resumption."""
-    plan = [[[i.key, i.label, i.size] for i in shard] for shard in shards]
-    blob = json.dumps([inventory.classes, options.max_side, options.prefix, plan])
-    return hashlib.sha256(blob.encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([inventory.classes, options.max_side, options.prefix]).encode())
+    for shard in shards:
+        digest.update(json.dumps([[i.key, i.label, i.size] for i in shard]).encode())
+    return digest.hexdigest()
 
 
 def _finished_records(out_dir: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
@@ -202,13 +204,11 @@ def _finished_records(out_dir: Path, fingerprint: str) -> dict[str, dict[str, An
     return records
 
 
-def _run_tasks(tasks: list[ShardTask], workers: int) -> Iterator[dict[str, Any]]:
-    """Yield shard records as shards finish, from ``workers`` processes (in this process for one)."""
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(write_shard, tasks)
-        return
-    with multiprocessing.get_context().Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap_unordered(write_shard, tasks)
+def _worker_pool(workers: int, num_tasks: int) -> contextlib.AbstractContextManager[Any]:
+    """A process pool, or ``None`` when one process does: shards are then written in this process."""
+    if workers <= 1 or num_tasks <= 1:
+        return contextlib.nullcontext()
+    return multiprocessing.get_context().Pool(min(workers, num_tasks))
 
 
 def _manifest_options(source: Path, options: ConvertOptions) -> dict[str, Any]:
@@ -273,20 +273,24 @@ def convert(source: Path, out_dir: Path, options: ConvertOptions, progress: bool
     names = [f"{options.prefix}-{i:06d}.tar" for i in range(len(shards))]
     tasks = [
         ShardTask(name, tuple(shard), str(out_dir), options.max_side, fingerprint)
-        for name, shard in zip(names, shards)
+        for name, shard in zip(names, shards, strict=True)
         if name not in done
     ]
-    with contextlib.ExitStack() as stack:
-        results = _run_tasks(tasks, options.workers)
-        total = sum(len(t.images) for t in tasks)
-        bar = stack.enter_context(tqdm(total=total, unit="img", disable=None if progress else True))
-        for record in results:
+    total = sum(len(t.images) for t in tasks)
+    # the pool starts (forks) before tqdm starts its monitor thread
+    with (
+        _worker_pool(options.workers, len(tasks)) as pool,
+        tqdm(total=total, unit="img", disable=None if progress else True) as bar,  # None: off unless a TTY
+    ):
+        for record in pool.imap_unordered(write_shard, tasks) if pool else map(write_shard, tasks):
             done[record["name"]] = record
             bar.update(len(record["skipped"]) + record["samples"])
     return _write_outputs(out_dir, source, inventory, [done[name] for name in names], options)
 
 
 def _positive(kind: type[int] | type[float]) -> Any:
+    """An argparse ``type`` that accepts only numbers above zero."""
+
     def parse(text: str) -> int | float:
         value = kind(text)
         if value <= 0:
@@ -302,30 +306,59 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert ImageNet-style images (an ImageFolder tree, a flat validation folder with a "
         "label file, or the training archive of per-class tars) into shuffled WebDataset tar shards.",
     )
-    parser.add_argument("source", type=Path, metavar="SOURCE",
-                        help="ImageFolder root, flat folder of images, or tar of per-class tars")
-    parser.add_argument("out_dir", type=Path, metavar="OUTPUT_DIR",
-                        help="gets the shards, manifest.json, classes.txt and report.json")
-    parser.add_argument("--labels", type=Path, metavar="FILE",
-                        help="label file of a flat folder: LOC_val_solution.csv form or 'filename class' "
-                        "lines (default: LOC_val_solution.csv in SOURCE or beside it)")
-    parser.add_argument("--classes", type=Path, metavar="FILE",
-                        help="class list to index against, one name per line (e.g. the train conversion's "
-                        "classes.txt, so that val shares its indices); other classes are skipped and reported")
-    parser.add_argument("--prefix", default="shard", metavar="NAME",
-                        help="shards are named NAME-000000.tar, NAME-000001.tar, ... (default: shard)")
+    parser.add_argument(
+        "source", type=Path, metavar="SOURCE", help="ImageFolder root, flat folder of images, or tar of per-class tars"
+    )
+    parser.add_argument(
+        "out_dir", type=Path, metavar="OUTPUT_DIR", help="gets the shards, manifest.json, classes.txt and report.json"
+    )
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        metavar="FILE",
+        help="label file of a flat folder: LOC_val_solution.csv form or 'filename class' "
+        "lines (default: LOC_val_solution.csv in SOURCE or beside it)",
+    )
+    parser.add_argument(
+        "--classes",
+        type=Path,
+        metavar="FILE",
+        help="class list to index against, one name per line (e.g. the train conversion's "
+        "classes.txt, so that val shares its indices); other classes are skipped and reported",
+    )
+    parser.add_argument(
+        "--prefix",
+        default="shard",
+        metavar="NAME",
+        help="shards are named NAME-000000.tar, NAME-000001.tar, ... (default: shard)",
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=_positive(int), metavar="N", help="samples per shard")
-    size.add_argument("--shard-size", type=_positive(float), default=256.0, metavar="MB",
-                      help="target shard size in MiB, packed by input file size (default: 256; 100-1000 "
-                      "streams well; with --max-side the shards come out smaller)")
-    parser.add_argument("--max-side", type=_positive(int), metavar="N",
-                        help="re-encode images whose longer side exceeds N (e.g. 512) to save disk and decode "
-                        "time; smaller RGB JPEGs keep their original bytes")
-    parser.add_argument("--workers", type=_positive(int), default=min(8, os.cpu_count() or 1), metavar="N",
-                        help="parallel writer processes (default: min(8, CPUs))")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
-                        help="seed of the shuffle across shards (default: 0)")
+    size.add_argument(
+        "--shard-size",
+        type=_positive(float),
+        default=256.0,
+        metavar="MB",
+        help="target shard size in MiB, packed by input file size (default: 256; 100-1000 "
+        "streams well; with --max-side the shards come out smaller)",
+    )
+    parser.add_argument(
+        "--max-side",
+        type=_positive(int),
+        metavar="N",
+        help="re-encode images whose longer side exceeds N (e.g. 512) to save disk and decode "
+        "time; smaller RGB JPEGs keep their original bytes",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=min(8, os.cpu_count() or 1),
+        metavar="N",
+        help="parallel writer processes (default: min(8, CPUs))",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="seed of the shuffle across shards (default: 0)"
+    )
     return parser
 
 

@@ -28,7 +28,7 @@ class ConversionError(ValueError):
     """A problem with the user's source or output folder, shown to the user as is."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ImageNet train plans 1.28M of them
 class InputImage:
     """One image: bytes ``[offset, offset + size)`` of ``file``; ``origin`` names it in the report."""
 
@@ -75,8 +75,12 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def detect_layout(source: Path) -> str:
-    """Return ``"archive"``, ``"val"`` or ``"imagefolder"`` for SOURCE, or raise naming the path."""
+def detect_layout(source: Path, has_labels: bool = False) -> str:
+    """Return ``"archive"``, ``"val"`` or ``"imagefolder"`` for SOURCE, or raise naming the path.
+
+    A folder with class folders is an ImageFolder tree (stray images beside them are skipped) unless a
+    label file was given; a folder with images and no class folders is a flat validation folder.
+    """
     if not source.exists():
         raise ConversionError(f"{source}: no such file or folder")
     if source.is_file():
@@ -84,9 +88,11 @@ def detect_layout(source: Path) -> str:
             return "archive"
         raise ConversionError(f"cannot detect the layout of {source}: a file, but not a tar of per-class tars")
     entries = [e for e in os.scandir(source) if not e.name.startswith(".")]
-    if any(e.is_file() and _is_image_name(e.name) for e in entries):
+    has_images = any(e.is_file() and _is_image_name(e.name) for e in entries)
+    has_folders = any(e.is_dir() for e in entries)
+    if has_images and (has_labels or not has_folders):
         return "val"
-    if any(e.is_dir() for e in entries):
+    if has_folders:
         return "imagefolder"
     raise ConversionError(
         f"cannot detect the layout of {source}: it holds neither images (a flat validation folder) "
@@ -131,6 +137,9 @@ def _find_label_file(source: Path, labels: Path | None) -> Path:
 
 def _scan_imagefolder(root: Path, scan: _Scan) -> None:
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_file() and _is_image_name(entry.name):
+            scan.skip(entry.path, "an image outside any class folder")
+            continue
         if entry.name.startswith(".") or not entry.is_dir():
             scan.ignore(entry.path, "hidden folder" if entry.is_dir() else "not inside a class folder")
             continue
@@ -164,12 +173,16 @@ def _scan_val(root: Path, label_file: Path, scan: _Scan) -> None:
     scan.labels_without_image = len(labels.keys() - seen)
 
 
+def _open_uncompressed_tar(archive: Path) -> tarfile.TarFile:
+    """The archive opened for random access; a compressed tar cannot be read in place."""
+    try:
+        return tarfile.open(archive, mode="r:")
+    except tarfile.ReadError as exc:
+        raise ConversionError(f"{archive}: not an uncompressed tar of per-class tars ({exc})") from exc
+
+
 def _scan_archive(archive: Path, scan: _Scan) -> None:
-    with open(archive, "rb") as listing, open(archive, "rb") as reader:
-        try:
-            outer = tarfile.open(fileobj=listing, mode="r:")
-        except tarfile.ReadError as exc:
-            raise ConversionError(f"{archive}: not an uncompressed tar of per-class tars ({exc})") from exc
+    with _open_uncompressed_tar(archive) as outer, open(archive, "rb") as reader:
         for member in outer:
             origin = f"{archive}:{member.name}"
             if not member.isfile():
@@ -190,20 +203,22 @@ def _scan_class_tar(
 ) -> None:
     """List one inner tar in place; its member offsets come out as offsets into the archive file."""
     end = member.offset_data + member.size
+    archive_file = str(archive)
     reader.seek(member.offset_data)
-    for item in tarfile.open(fileobj=reader, mode="r:"):
-        if item.offset >= end:  # an inner tar without its end marker: stop at its boundary
-            break
-        origin = f"{archive}:{member.name}/{item.name}"
-        if not item.isfile():
-            continue
-        if item.offset_data + item.size > end:
-            scan.skip(origin, "runs past the end of its class tar")
-        elif not _is_image_name(item.name):
-            scan.ignore(origin, "not an image file")
-        else:
-            name = f"{class_name}/{os.path.basename(item.name)}"
-            scan.found.append((class_name, name, origin, str(archive), item.offset_data, item.size))
+    with tarfile.open(fileobj=reader, mode="r:") as inner:  # leaves ``reader`` open
+        for item in inner:
+            if item.offset >= end:  # an inner tar without its end marker: stop at its boundary
+                break
+            origin = f"{archive}:{member.name}/{item.name}"
+            if not item.isfile():
+                continue
+            if item.offset_data + item.size > end:
+                scan.skip(origin, "runs past the end of its class tar")
+            elif not _is_image_name(item.name):
+                scan.ignore(origin, "not an image file")
+            else:
+                name = f"{class_name}/{os.path.basename(item.name)}"
+                scan.found.append((class_name, name, origin, archive_file, item.offset_data, item.size))
 
 
 def _sorted_classes(names: set[str]) -> list[str]:
@@ -227,7 +242,7 @@ def scan_source(source: Path, labels: Path | None = None, classes: list[str] | N
     A class that holds no image keeps its index and is listed in ``empty_classes``; an image whose
     class is not in ``classes`` is skipped.
     """
-    layout, scan = detect_layout(source), _Scan()
+    layout, scan = detect_layout(source, labels is not None), _Scan()
     if labels is not None and layout != "val":
         raise ConversionError(f"--labels applies to a flat folder of images, but {source} is an {layout}")
     if layout == "archive":
