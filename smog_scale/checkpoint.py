@@ -93,8 +93,7 @@ def load(accelerator: Accelerator, path: Path, bank: GroupBank, cache: FeatureCa
     """Restore everything ``save`` wrote; returns the trainer state. Raises on any mismatch."""
     state = json.loads((path / "trainer_state.json").read_text())
     accelerator.load_state(str(path))
-    groups = load_file(str(path / "smog.safetensors"))["groups"]
-    bank.set(groups.to(bank.groups.device))
+    bank.load_state_dict({k: v.to(bank.groups.device) for k, v in load_file(str(path / "smog.safetensors")).items()})
     _load_cache(path, cache, int(state["world_size"]))
     return state
 

@@ -1,0 +1,32 @@
+# make demo: install into .venv, then the whole pipeline on the built-in demo data (CPU, minutes).
+# make test: install into .venv, then the whole test suite (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= demo_out
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt torch torchvision
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/demo.sh $(DEMO_DIR)
+
+test: install
+	$(PY) -m pytest -n 2 --durations=15
+
+bench: install
+	$(PY) benchmarks/bench_grouping.py
+	$(PY) benchmarks/bench_kmeans.py
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_step.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR)
