@@ -92,7 +92,7 @@ class RunLog:
         sizes = result.sizes.float()
         record = {"step": state.global_step, "event": "regroup", "regroup/empty_reseeded": int(result.num_reseeded),
                   "regroup/largest_cluster": int(sizes.max()), "regroup/smallest_cluster": int(sizes.min()),
-                  "regroup/mean_cos_distance": float(result.mean_cos_distance),
+                  "regroup/mean_cos_distance": float(result.mean_distance),
                   "regroup/size_quantiles": torch.quantile(sizes, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])).tolist()}
         self._write(record, state.global_step)
 

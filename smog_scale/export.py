@@ -1,0 +1,305 @@
+"""Trained networks out of a run: strict checkpoint loading and export of the backbone to timm.
+
+A *source* is a run folder (its newest complete checkpoint), a checkpoint directory
+``RUN/checkpoints/step_XXXXXXXX/`` (the recipe is ``RUN/config.yaml``, two levels up) or, for the
+evaluation tools, a folder written by :func:`export_timm`. Loading is strict everywhere: a key or
+shape that does not fit raises :class:`CheckpointError` naming the file and the keys. Only
+:func:`export_timm` drops keys (projector, predictor, the other encoder), and it names them.
+
+The export is a timm "local-dir" model folder: ``model.safetensors`` (the backbone's own timm keys)
+and ``config.json`` in timm's hub format plus a ``smog`` section (recipe, step, dropped keys), so both
+``timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...))`` and
+``timm.create_model("local-dir:OUT_DIR", pretrained=True, num_classes=0)`` load it. ``resnet50x2`` /
+``resnet50x4`` need ``import smog_scale.models.backbone`` first (it registers them with timm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from smog_scale import checkpoint
+from smog_scale.config import ModelConfig
+from smog_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from smog_scale.models.backbone import build_backbone  # also registers resnet50x2 / resnet50x4
+from smog_scale.models.smog import SMoGModel
+
+Encoder = Literal["online", "momentum"]
+CHECK_TOLERANCE = 1e-5  # max abs feature difference allowed between the export and the training backbone
+EVAL_CROP_PCT = 0.875  # center crop of data.multicrop.center_view: resize to S / 0.875, crop S
+_DDP_PREFIX = "module."  # Accelerate saves a DDP-wrapped model's state dict with this prefix
+_SHOWN = 8  # keys listed per kind in an error message
+
+
+class CheckpointError(ValueError):
+    """A source that cannot be loaded as asked; the message names the file and the offending keys."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint and the recipe it was trained with."""
+
+    path: Path  # RUN/checkpoints/step_XXXXXXXX
+    config_file: Path  # RUN/config.yaml
+    recipe: dict[str, Any]  # config.yaml as written by the trainer (resolved config plus "derived")
+    step: int
+
+    @property
+    def model_config(self) -> ModelConfig:
+        try:
+            return ModelConfig(**self.recipe.get("model", {}))
+        except TypeError as err:
+            raise CheckpointError(f"{self.config_file}: bad 'model' section: {err}") from err
+
+    @property
+    def image_size(self) -> int:
+        """Side of the global crops the backbone was trained on (first record of ``data.crops``)."""
+        crops = self.recipe.get("data", {}).get("crops") or [{}]
+        return int(crops[0].get("size", 224))
+
+
+def resolve_checkpoint(source: str | Path) -> Checkpoint:
+    """The checkpoint named by a run folder (newest complete one) or a checkpoint directory."""
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run folder or checkpoint directory")
+    if (path / "config.yaml").is_file():
+        found = checkpoint.complete_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{path}: run folder without a complete checkpoint in "
+                                  f"{checkpoint.checkpoint_dir(path)}")
+        path = found[-1]
+    elif not path.name.startswith(checkpoint.PREFIX):
+        raise CheckpointError(f"{path}: neither a run folder (config.yaml) nor a checkpoint directory (step_XXXXXXXX)")
+    config_file = path.parent.parent / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing; a checkpoint's recipe is read from RUN/config.yaml")
+    recipe = yaml.safe_load(config_file.read_text()) or {}
+    state_file = path / "trainer_state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    step = state.get("global_step", path.name[len(checkpoint.PREFIX):])
+    return Checkpoint(path, config_file, recipe, int(step))
+
+
+def read_state(ckpt: Checkpoint, prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors of ``model.safetensors`` whose key starts with ``prefix`` (prefix removed), and every key.
+
+    Keys are the SMoGModel's (``online.backbone.*`` ...); a DDP wrapper's ``module.`` is removed.
+    Only the selected tensors are read, so exporting R50x4 does not load both encoders.
+    """
+    file = ckpt.path / "model.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; a complete checkpoint holds Accelerate's model.safetensors")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            stored = list(handle.keys())
+            wrapped = bool(stored) and all(k.startswith(_DDP_PREFIX) for k in stored)
+            names = {k.removeprefix(_DDP_PREFIX) if wrapped else k: k for k in stored}
+            tensors = {k[len(prefix):]: handle.get_tensor(s) for k, s in names.items() if k.startswith(prefix)}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file: {err}") from err
+    return tensors, list(names)
+
+
+def strict_load(module: nn.Module, state: dict[str, torch.Tensor], file: Path, prefix: str = "",
+                what: str = "") -> None:
+    """``module.load_state_dict(state)`` that fails naming missing, unexpected and mis-shaped keys.
+
+    ``prefix`` is prepended to the keys in the message; ``what`` describes ``module`` there."""
+    expected = module.state_dict()
+    missing = [prefix + k for k in expected if k not in state]
+    unexpected = [prefix + k for k in state if k not in expected]
+    shapes = [f"{prefix}{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{len(keys)} {kind}: " + ", ".join(keys[:_SHOWN]) + (", ..." if len(keys) > _SHOWN else "")
+                for kind, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
+                if keys]
+    if problems:
+        raise CheckpointError(f"{file} does not fit {what or type(module).__name__}: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+
+
+def load_backbone(ckpt: Checkpoint, which: Encoder = "online") -> tuple[nn.Module, dict[str, int]]:
+    """The ``which`` encoder's backbone (eval mode) and the other keys by prefix: {prefix: tensors}."""
+    prefix = f"{which}.backbone."
+    state, keys = read_state(ckpt, prefix)
+    if not state:
+        raise CheckpointError(f"{ckpt.path / 'model.safetensors'}: no '{prefix}*' keys; not a SMoG checkpoint "
+                              f"(keys start with {sorted({k.split('.')[0] for k in keys})[:_SHOWN]})")
+    mc = ckpt.model_config
+    backbone = build_backbone(mc.backbone, **mc.backbone_kwargs)
+    strict_load(backbone, state, ckpt.path / "model.safetensors", prefix,
+                f"{mc.backbone}{f' {mc.backbone_kwargs}' if mc.backbone_kwargs else ''} (model in {ckpt.config_file})")
+    dropped = Counter(".".join(k.split(".")[:2 if k.startswith(("online.", "momentum.")) else 1])
+                      for k in keys if not k.startswith(prefix))
+    return backbone.eval(), dict(sorted(dropped.items()))
+
+
+def load_model(ckpt: Checkpoint) -> SMoGModel:
+    """The whole SMoGModel of a checkpoint (eval mode), loaded strictly."""
+    mc = ckpt.model_config
+    model = SMoGModel(mc.backbone, mc.proj_hidden_dim, mc.proj_dim, mc.pred_hidden_dim, mc.backbone_kwargs)
+    strict_load(model, read_state(ckpt)[0], ckpt.path / "model.safetensors",
+                what=f"SMoGModel of {ckpt.config_file}")
+    return model.eval()
+
+
+def load_groups(ckpt: Checkpoint) -> torch.Tensor:
+    """The group features G [K, D] saved with the checkpoint."""
+    file = ckpt.path / "smog.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; a complete checkpoint holds the groups in smog.safetensors")
+    groups = load_file(str(file)).get("groups")
+    dim = ckpt.model_config.proj_dim
+    if groups is None or groups.ndim != 2 or groups.shape[1] != dim:
+        shape = None if groups is None else tuple(groups.shape)
+        raise CheckpointError(f"{file}: expected 'groups' [K, {dim}] (model.proj_dim = {dim}), found {shape}")
+    return groups
+
+
+def input_side(backbone: nn.Module, backbone_kwargs: dict[str, Any], trained_side: int) -> int:
+    """Evaluation input side: the training crop size, unless the model has a fixed input size (Swin)."""
+    if not backbone.pretrained_cfg.get("fixed_input_size", False):
+        return trained_side
+    size = backbone_kwargs.get("img_size", backbone.pretrained_cfg["input_size"][1:])
+    return int(size if isinstance(size, int) else size[-1])
+
+
+def timm_config(backbone: nn.Module, arch: str, backbone_kwargs: dict[str, Any], trained_side: int,
+                interpolation: str, smog: dict[str, Any]) -> dict[str, Any]:
+    """config.json in timm's hub format (what ``local-dir:`` reads) plus the ``smog`` section."""
+    defaults = backbone.pretrained_cfg
+    side = input_side(backbone, backbone_kwargs, trained_side)
+    pretrained_cfg = {
+        "input_size": [3, side, side], "interpolation": interpolation, "crop_pct": EVAL_CROP_PCT,
+        "crop_mode": "center", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": 0,
+        "first_conv": defaults.get("first_conv"), "classifier": defaults.get("classifier"),
+        "fixed_input_size": bool(defaults.get("fixed_input_size", False)),
+    }
+    return {"architecture": arch, "num_classes": 0, "num_features": int(backbone.num_features),
+            "model_args": dict(backbone_kwargs), "pretrained_cfg": pretrained_cfg, "smog": smog}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    architecture: str
+    step: int
+    dropped: dict[str, int]  # key prefix -> number of tensors left out of the export
+    max_abs_diff: float  # self-check: features of the reloaded export vs the training backbone
+
+
+def export_timm(source: str | Path, out_dir: str | Path, which: Encoder = "online",
+                check_size: int | None = None, check_batch: int = 2) -> ExportResult:
+    """Write ``OUT_DIR/model.safetensors`` and ``config.json``, then reload them through timm and compare.
+
+    The files are written into ``OUT_DIR/.tmp-export`` and moved into place only after the self-check
+    passed: same keys and tensors, features within ``CHECK_TOLERANCE`` on a random batch of
+    ``check_batch`` images of ``check_size`` px (default: the recipe's crop size).
+    """
+    ckpt = resolve_checkpoint(source)
+    backbone, dropped = load_backbone(ckpt, which)
+    mc = ckpt.model_config
+    interpolation = ckpt.recipe.get("data", {}).get("crops", [{}])[0].get("interpolation", "bicubic")
+    smog = {"source": str(ckpt.path), "step": ckpt.step, "encoder": which, "dropped": dropped, "recipe": ckpt.recipe}
+    config = timm_config(backbone, mc.backbone, mc.backbone_kwargs, ckpt.image_size, interpolation, smog)
+    out_dir = Path(out_dir)
+    tmp = out_dir / ".tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in backbone.state_dict().items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    try:
+        diff = self_check(backbone, tmp, check_size or config["pretrained_cfg"]["input_size"][-1], check_batch)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for name in ("model.safetensors", "config.json"):
+        os.replace(tmp / name, out_dir / name)
+    os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors writes 0600; an export is for sharing
+    tmp.rmdir()
+    return ExportResult(out_dir, mc.backbone, ckpt.step, dropped, diff)
+
+
+@torch.no_grad()
+def self_check(backbone: nn.Module, export_dir: Path, image_size: int, batch: int = 2) -> float:
+    """Reload ``export_dir`` through timm; raise CheckpointError unless it equals ``backbone``.
+
+    Returns the max abs difference of the features on a seeded random batch.
+    """
+    file = export_dir / "model.safetensors"
+    reloaded = load_exported(export_dir)
+    saved, got = load_file(str(file)), reloaded.state_dict()
+    missing, unexpected = sorted(set(got) - set(saved)), sorted(set(saved) - set(got))
+    differ = [k for k in got if k in saved and not torch.equal(got[k], saved[k])]
+    if missing or unexpected or differ:
+        raise CheckpointError(f"self-check: timm's reload of {file} has missing keys {missing[:_SHOWN]}, "
+                              f"unexpected keys {unexpected[:_SHOWN]}, different tensors {differ[:_SHOWN]}")
+    images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    diff = float((backbone.eval()(images) - reloaded(images)).abs().max())
+    if not diff <= CHECK_TOLERANCE:
+        raise CheckpointError(f"self-check: features of {file} reloaded through timm differ from the training "
+                              f"backbone by {diff:.3g} > {CHECK_TOLERANCE}")
+    return diff
+
+
+def is_export_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
+
+
+def load_exported(export_dir: str | Path) -> nn.Module:
+    """An export folder through timm's ``local-dir:`` loader (strict: config.json says num_classes 0), eval mode."""
+    try:
+        return timm.create_model(f"local-dir:{Path(export_dir).resolve()}", pretrained=True, num_classes=0).eval()
+    except (RuntimeError, FileNotFoundError, KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{export_dir}: timm cannot load this export: {err}") from err
+
+
+@dataclass(frozen=True)
+class EvalBackbone:
+    """A backbone to evaluate with what the evaluation tools print and record about it."""
+
+    module: nn.Module
+    architecture: str
+    image_size: int
+    description: str
+
+
+def load_eval_backbone(source: str | Path, which: Encoder = "online", random_init: bool = False) -> EvalBackbone:
+    """Backbone of an export folder, run folder or checkpoint; ``random_init``: same architecture, untrained.
+
+    A checkpoint is loaded whole and strictly (only the export drops keys), then ``which`` encoder's
+    backbone is taken.
+    """
+    if is_export_dir(source):
+        try:
+            config = json.loads((Path(source) / "config.json").read_text())
+            arch, kwargs = config["architecture"], config.get("model_args", {})
+            size = int(config["pretrained_cfg"]["input_size"][-1])
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
+            raise CheckpointError(f"{Path(source) / 'config.json'}: not an export's config: {err!r}") from err
+        module = None if random_init else load_exported(source)
+        trained = f"export {source} (step {config.get('smog', {}).get('step', '?')})"
+    else:
+        ckpt = resolve_checkpoint(source)
+        arch, kwargs, size = ckpt.model_config.backbone, ckpt.model_config.backbone_kwargs, ckpt.image_size
+        module = None if random_init else getattr(load_model(ckpt), which).backbone  # strict, nothing dropped
+        trained = f"{ckpt.path} ({which} encoder, step {ckpt.step})"
+    if random_init:
+        torch.manual_seed(0)
+        module = build_backbone(arch, **kwargs).eval()
+    size = input_side(module, kwargs, size)
+    return EvalBackbone(module, arch, size, f"{arch} random init" if random_init else f"{arch} from {trained}")

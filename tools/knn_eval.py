@@ -1,0 +1,75 @@
+"""Weighted kNN accuracy of a backbone: ``[accelerate launch] tools/knn_eval.py SOURCE --train-shards ...``.
+
+InstDisc / DINO protocol: center-crop features of the train and val shards, L2-normalized; each val
+image takes the k = 20 most cosine-similar train images, weighted exp(cos / 0.07); top-1 and top-5.
+Multi-process through Accelerate: each process extracts its share of the shards and searches its
+own train features (in blocks, never a val x train matrix); the candidates are merged across processes.
+
+SOURCE is a folder written by tools/export_timm.py, a run folder (newest complete checkpoint) or a
+checkpoint directory. --random-init evaluates the same architecture untrained (the baseline the
+pretrained number must beat). Exit code 2 on bad input (missing files, shards or keys that do not fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from smog_scale.data.shards import ShardOpenError
+from smog_scale.evaluate import KNN_K, KNN_TEMPERATURE, knn_evaluate, shard_features
+from smog_scale.export import CheckpointError, load_eval_backbone
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knn_eval.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", metavar="SOURCE", help="export folder, run folder or checkpoint directory")
+    parser.add_argument("--train-shards", required=True, metavar="URLS",
+                        help="labelled train shards, e.g. /data/in1k-train/in1k-train-{000000..001023}.tar")
+    parser.add_argument("--val-shards", required=True, metavar="URLS", help="labelled val shards")
+    parser.add_argument("--which", choices=("online", "momentum"), default="online",
+                        help="encoder of a run/checkpoint SOURCE (default: online)")
+    parser.add_argument("--random-init", action="store_true", help="same architecture, untrained (seed 0)")
+    parser.add_argument("--k", type=int, default=KNN_K, help=f"neighbours (default: {KNN_K})")
+    parser.add_argument("--temperature", type=float, default=KNN_TEMPERATURE,
+                        help=f"vote weight exp(cos / T) (default: {KNN_TEMPERATURE})")
+    parser.add_argument("--image-size", type=int, metavar="PX",
+                        help="center-crop side (default: the model's input size, 224 for the paper's recipes)")
+    parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per process (default: 256)")
+    parser.add_argument("--workers", type=int, default=8, metavar="N", help="loader workers per process (default: 8)")
+    parser.add_argument("--out", type=Path, metavar="JSON", help="also write the result here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    accelerator = Accelerator()
+    try:
+        model = load_eval_backbone(args.source, args.which, args.random_init)
+        backbone = model.module.to(accelerator.device)
+        options = dict(image_size=args.image_size or model.image_size, batch_size=args.batch_size,
+                       num_workers=args.workers)
+        train = shard_features(backbone, args.train_shards, accelerator, desc="train features", **options)
+        val = shard_features(backbone, args.val_shards, accelerator, desc="val features", **options)
+    except (CheckpointError, ShardOpenError, FileNotFoundError) as err:
+        print(f"knn_eval: error: {err}", file=sys.stderr)
+        return 2
+    result = knn_evaluate(*train, *val, k=args.k, temperature=args.temperature)
+    if accelerator.is_main_process:
+        record = {"model": model.description, "k": args.k, "temperature": args.temperature,
+                  "image_size": options["image_size"], **result}
+        print(f"{model.description}: kNN (k={args.k}, T={args.temperature}) "
+              f"top-1 {result['knn_top1']:.2f}  top-5 {result['knn_top5']:.2f}")
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
