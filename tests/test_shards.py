@@ -1,0 +1,208 @@
+"""The WebDataset pipeline on tiny shards written in tmp_path (open_clip's test style)."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from smog_scale.data.multicrop import CropSpec
+from smog_scale.data.shards import (
+    ShardOpenError,
+    build_eval_loader,
+    build_train_loader,
+    count_samples,
+    read_manifest,
+)
+
+CROPS = (
+    CropSpec(size=16),
+    CropSpec(size=16, blur_p=0.1, solarize_p=0.2),
+    CropSpec(size=8, count=2, scale=(0.05, 0.14), blur_p=0.5),
+)
+
+
+def _jpeg(rng: np.random.Generator) -> bytes:
+    pixels = rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def write_shards(root: Path, sizes: list[int], bad: frozenset[str] = frozenset()) -> str:
+    """Write ``len(sizes)`` shards ``demo-00000i.tar`` plus a manifest; keys in ``bad`` get junk bytes.
+
+    Returns the brace pattern over the shards.
+    """
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for shard, size in enumerate(sizes):
+        name = f"demo-{shard:06d}.tar"
+        with wds.TarWriter(str(root / name)) as sink:
+            for index in range(size):
+                key = f"s{shard:02d}_{index:03d}"
+                image = b"not a jpeg" if key in bad else _jpeg(rng)
+                sink.write({"__key__": key, "jpg": image, "cls": shard % 3})
+        entries.append({"name": name, "samples": size})
+    manifest = {"format": 1, "tool_version": "test", "shards": entries, "num_samples": sum(sizes),
+                "classes": ["a", "b", "c"], "options": {}, "skipped": 0, "report": ""}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return str(root / f"demo-{{000000..{len(sizes) - 1:06d}}}.tar")
+
+
+@pytest.fixture()
+def shards(tmp_path: Path) -> str:
+    """8 shards x 4 samples."""
+    return write_shards(tmp_path / "shards", [4] * 8)
+
+
+def _keys(loader) -> list[str]:
+    return [key for batch in loader for key in batch["key"]]
+
+
+def test_manifest_and_counts(shards: str, tmp_path: Path) -> None:
+    assert read_manifest(shards)["num_samples"] == 32
+    assert count_samples(shards.replace("000007", "000003")) == 16  # only the selected shards
+    with pytest.raises(FileNotFoundError, match="num_samples"):
+        read_manifest(str(tmp_path / "elsewhere-{000000..000001}.tar"))
+    with pytest.raises(ValueError, match="num_samples"):
+        read_manifest("pipe:cat x-{000000..000001}.tar")
+
+
+def test_batch_layout_and_epoch_length(shards: str) -> None:
+    loader = build_train_loader(shards, crops=CROPS, batch_size=3, num_workers=2, seed=0)
+    assert len(loader) == 32 // 3 // 2 * 2 == loader.num_samples // 3
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    batch = batches[0]
+    assert [tuple(c.shape) for c in batch["crops"]] == [(2, 3, 3, 16, 16), (2, 3, 3, 8, 8)]
+    assert all(c.dtype == torch.uint8 for c in batch["crops"])
+    assert batch["cls"].dtype == torch.long and batch["cls"].shape == (3,)
+    assert len(batch["key"]) == 3 and batch["skipped"] == 0
+
+
+def test_with_epoch_overrides_manifest(shards: str) -> None:
+    loader = build_train_loader(shards, crops=CROPS, batch_size=2, num_workers=2, seed=0, num_samples=100)
+    assert len(loader) == 50 and sum(1 for _ in loader) == 50  # more samples than one pass over the shards
+
+
+def test_deterministic_for_seed_epoch_rank(shards: str) -> None:
+    def run(epoch: int, rank: int) -> list[dict]:
+        loader = build_train_loader(shards, crops=CROPS, batch_size=4, num_workers=2, seed=7,
+                                    epoch=epoch, rank=rank, world_size=2, shuffle_buffer=8)
+        return list(loader)
+
+    first, second = run(epoch=1, rank=0), run(epoch=1, rank=0)
+    for a, b in zip(first, second, strict=True):
+        assert a["key"] == b["key"]
+        assert all(torch.equal(x, y) for x, y in zip(a["crops"], b["crops"], strict=True))
+    assert [b["key"] for b in run(epoch=2, rank=0)] != [b["key"] for b in first]
+    assert [b["key"] for b in run(epoch=1, rank=1)] != [b["key"] for b in first]
+
+
+def test_set_epoch_matches_building_for_that_epoch(shards: str) -> None:
+    loader = build_train_loader(shards, crops=CROPS, batch_size=4, num_workers=0, seed=3, shuffle_buffer=8)
+    loader.set_epoch(5)
+    fresh = build_train_loader(shards, crops=CROPS, batch_size=4, num_workers=0, seed=3, epoch=5, shuffle_buffer=8)
+    assert _keys(loader) == _keys(fresh) == _keys(loader)  # re-iterating replays the epoch
+
+
+def test_no_resampling_covers_every_sample_once_over_ranks_and_workers(shards: str) -> None:
+    seen = Counter()
+    for rank in range(2):
+        loader = build_train_loader(shards, crops=CROPS, batch_size=4, num_workers=2, seed=1,
+                                    rank=rank, world_size=2, resampled=False)
+        assert len(loader) == 4
+        seen.update(_keys(loader))
+    assert len(seen) == 32 and set(seen.values()) == {1}
+
+
+def test_eval_loader_covers_every_sample_once(tmp_path: Path) -> None:
+    urls = write_shards(tmp_path / "val", [3, 5, 2, 4, 1])
+    seen = Counter()
+    for rank in range(2):
+        for images, labels, keys in build_eval_loader(urls, image_size=16, batch_size=4, num_workers=2,
+                                                      rank=rank, world_size=2):
+            assert images.dtype == torch.float32 and images.shape[1:] == (3, 16, 16)
+            assert labels.dtype == torch.long and len(keys) == len(labels) == len(images)
+            seen.update(keys)
+    assert len(seen) == 15 and set(seen.values()) == {1}
+
+
+def test_fail_fast_when_shards_cannot_feed_every_worker(shards: str) -> None:
+    with pytest.raises(ValueError, match="8 shards cannot feed 3 workers x 4 ranks"):
+        build_train_loader(shards, crops=CROPS, batch_size=1, num_workers=3, seed=0, world_size=4, resampled=False)
+
+
+def test_corrupt_sample_is_skipped_and_counted(tmp_path: Path) -> None:
+    urls = write_shards(tmp_path / "bad", [4, 4], bad=frozenset({"s01_002"}))
+    loader = build_train_loader(urls, crops=CROPS, batch_size=7, num_workers=0, seed=0, num_samples=7,
+                                resampled=False)
+    (batch,) = list(loader)
+    assert "s01_002" not in batch["key"] and len(batch["key"]) == 7
+    assert batch["skipped"] == 1
+
+
+def test_truncated_and_unreadable_shards_are_skipped_and_counted(tmp_path: Path) -> None:
+    urls = write_shards(tmp_path / "trunc", [4, 4, 4])
+    root = tmp_path / "trunc"
+    with tarfile.open(root / "demo-000001.tar") as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "s01_002.jpg").offset_data + 10
+    os.truncate(root / "demo-000001.tar", cut)
+    (root / "demo-000002.tar").write_bytes(b"\x01" * 2048)  # not a tar at all
+    loader = build_train_loader(urls, crops=CROPS, batch_size=1, num_workers=0, seed=0, num_samples=6,
+                                resampled=False)
+    batches = list(loader)
+    keys = [key for batch in batches for key in batch["key"]]
+    assert sorted(keys) == ["s00_000", "s00_001", "s00_002", "s00_003", "s01_000", "s01_001"]
+    assert sum(batch["skipped"] for batch in batches) >= 2
+
+
+def _error_of(loader) -> str:
+    """Iterate ``loader`` until it raises; return "Type: message" after releasing its workers."""
+    try:
+        for _ in loader:
+            pass
+    except Exception as exn:  # noqa: BLE001
+        error = f"{type(exn).__name__}: {exn}"
+    else:
+        return ""
+    gc.collect()  # DataLoader's re-raised error is in a frame cycle that holds the worker iterator
+    return error
+
+
+def test_unopenable_url_is_retried_then_named(tmp_path: Path) -> None:
+    attempts = tmp_path / "attempts"
+    url = f"pipe:echo try >> {attempts}; exit 3"
+    loader = build_train_loader(url, crops=CROPS, batch_size=1, num_workers=0, seed=0, num_samples=1,
+                                open_attempts=3, retry_delay_s=0.0)
+    error = _error_of(loader)
+    assert error.startswith(ShardOpenError.__name__) and url in error and "after 3 attempts" in error
+    assert attempts.read_text().count("try") == 3
+
+
+def test_missing_shard_is_named_from_a_worker(shards: str, tmp_path: Path) -> None:
+    missing = str(tmp_path / "gone-000000.tar")
+    loader = build_train_loader(f"{shards}::{missing}", crops=CROPS, batch_size=1, num_workers=2, seed=0,
+                                num_samples=40, resampled=False, open_attempts=2, retry_delay_s=0.0)
+    error = _error_of(loader)
+    assert ShardOpenError.__name__ in error and missing in error and "after 2 attempts" in error
+
+
+def test_pipe_urls_and_multiple_patterns(tmp_path: Path) -> None:
+    first = write_shards(tmp_path / "a", [2, 2])
+    second = write_shards(tmp_path / "b", [3])
+    urls = f"pipe:cat {first}::{second}"
+    loader = build_eval_loader(urls, image_size=8, batch_size=5, num_workers=0)
+    assert sum(len(keys) for _, _, keys in loader) == 7
