@@ -2,8 +2,8 @@
 
 Layout of ``<output_dir>/checkpoints/step_00001234/``: Accelerate's files (model weights as
 safetensors, optimizer, per-rank RNG states), ``smog.safetensors`` (the groups G),
-``cache_rank{r}.safetensors`` (each rank's feature cache: Accelerate writes registered objects
-from the main process only) and ``trainer_state.json`` (step, samples seen, counters, world size).
+``cache_rank{r}.safetensors`` (each rank's feature cache, and its copy of G for auditing:
+Accelerate writes registered objects from the main process only) and ``trainer_state.json`` (step, samples seen, counters, world size).
 Everything is written into ``.tmp-step_...`` first and renamed when complete, so a crash during a
 save never leaves a directory that looks complete. Nothing is unpickled on load: safetensors,
 JSON, and Accelerate's ``weights_only`` loads.
@@ -52,7 +52,8 @@ def save(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    save_file({k: v.detach().cpu().contiguous() for k, v in cache.state_dict().items()},
+    rank_state = {**cache.state_dict(), "groups": bank.groups}  # this rank's G too, to audit their equality
+    save_file({k: v.detach().cpu().contiguous() for k, v in rank_state.items()},
               str(tmp / f"cache_rank{accelerator.process_index}.safetensors"))
     if accelerator.is_main_process:
         save_file({"groups": bank.groups.detach().cpu().contiguous()}, str(tmp / "smog.safetensors"))
@@ -104,11 +105,13 @@ def _load_cache(path: Path, cache: FeatureCache, saved_world: int) -> None:
     device = cache.feats.device
     if saved_world == dist.world_size():
         tensors = load_file(str(path / f"cache_rank{dist.rank()}.safetensors"))
+        tensors.pop("groups")
         cache.load_state_dict({k: v.to(device) for k, v in tensors.items()})
         return
     feats, ids = [], []
     for r in range(saved_world):
         tensors = load_file(str(path / f"cache_rank{r}.safetensors"))
+        tensors.pop("groups")
         other = FeatureCache(*tensors["feats"].shape)
         other.load_state_dict(tensors)
         f, i = other.contents()

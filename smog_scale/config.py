@@ -135,6 +135,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _unknown_key(full: str, key: str, names: list[str], prefix: str) -> ConfigError:
+    """The error for an unknown key, suggesting the closest valid one (spelling, then substring)."""
+    close = difflib.get_close_matches(key, names, n=1) or [n for n in names if key in n or n in key][:1]
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+    return ConfigError(f"unknown key {full!r}{hint}")
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -142,9 +149,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown key {full!r}{hint}")
+            raise _unknown_key(full, str(key), names, prefix)
         if dataclasses.is_dataclass(hints[key]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a section (mapping), got {value!r}")
@@ -215,9 +220,7 @@ def crop_specs(config: Config) -> list:
     for index, record in enumerate(config.data.crops):
         for key in record:
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-                raise ConfigError(f"unknown key 'data.crops[{index}].{key}'{hint}")
+                raise _unknown_key(f"data.crops[{index}].{key}", key, names, "")
         try:
             specs.append(CropSpec(**record))
         except (TypeError, ValueError) as err:
@@ -256,9 +259,13 @@ def derive(config: Config, world_size: int, num_samples: int) -> Derived:
             f"grouping.num_groups={grouping.num_groups} exceeds the feature cache: grouping.cache_size="
             f"{grouping.cache_size} x {world_size} rank(s) = {grouping.cache_size * world_size} features"
         )
-    steps_per_epoch = num_samples // optim.global_batch_size
+    # What the loader yields per rank: whole batches, split evenly over its workers.
+    workers = max(1, config.data.num_workers)
+    batches_per_rank = num_samples // (optim.global_batch_size // optim.grad_accum_steps) // workers * workers
+    steps_per_epoch = batches_per_rank // optim.grad_accum_steps
     if steps_per_epoch < 1:
-        raise ConfigError(f"data.num_samples={num_samples} is smaller than optim.global_batch_size={optim.global_batch_size}")
+        raise ConfigError(f"data.num_samples={num_samples} gives no whole step of optim.global_batch_size="
+                          f"{optim.global_batch_size} for each of data.num_workers={workers} loader workers")
     return Derived(
         world_size=world_size,
         batch_size_per_device=optim.global_batch_size // split,

@@ -59,7 +59,7 @@ class RunLog:
         if state.cfg.run.trackers:
             flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                     for k, v in _flatten(config_dict(state.cfg)).items()}
-            self.accelerator.init_trackers("smog", config=flat)
+            self.accelerator.init_trackers("tensorboard", config=flat)  # logs in RUN/tensorboard
 
     def data_wait(self, seconds: float) -> None:
         self.waited += seconds

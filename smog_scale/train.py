@@ -7,6 +7,7 @@ Exit codes: 0 done or pre-empted (checkpoint written), 1 stopped on non-finite s
 from __future__ import annotations
 
 import argparse
+import itertools
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from smog_scale import checkpoint, config, dist
 from smog_scale.config import ConfigError
-from smog_scale.data.shards import build_train_loader, check_shards, read_manifest
+from smog_scale.data.shards import build_train_loader, check_shards, count_samples
 from smog_scale.engine import TrainState, train_step
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
@@ -40,12 +41,15 @@ def make_accelerator(cfg: config.Config) -> Accelerator:
 
 
 def num_samples(cfg: config.Config) -> int:
-    """Samples per epoch: the recipe's, else the shards' manifest; missing shards fail here."""
-    check_shards(cfg.data.train_shards)
+    """Samples per epoch: the recipe's, else the shards' manifests; missing shards fail here."""
+    try:
+        check_shards(cfg.data.train_shards)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data.train_shards: {err}") from err
     if cfg.data.num_samples is not None:
         return cfg.data.num_samples
     try:
-        return int(read_manifest(cfg.data.train_shards)["num_samples"])
+        return count_samples(cfg.data.train_shards)
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise ConfigError(f"data.num_samples is not set and no manifest gives it: {err}") from err
 
@@ -106,8 +110,9 @@ def train(state: TrainState, log: RunLog) -> int:
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=epoch, rank=dist.rank(),
             world_size=dist.world_size(), num_samples=derived.num_samples,
             shuffle_buffer=cfg.data.shuffle_buffer, start_batch=done * cfg.optim.grad_accum_steps)
+        remaining = (derived.steps_per_epoch - done) * cfg.optim.grad_accum_steps
         waited = time.perf_counter()
-        for batch in loader:
+        for batch in itertools.islice(loader, remaining):
             log.data_wait(time.perf_counter() - waited)
             metrics = train_step(state, batch)
             if state.accelerator.sync_gradients:

@@ -15,7 +15,7 @@ def test_load_with_overrides_and_dump(recipe, tmp_path):
     cfg = config.load(recipe, ["optim.base_lr=0.5", "grouping.num_groups=10", "run.max_steps=3"])
     assert (cfg.optim.base_lr, cfg.grouping.num_groups, cfg.run.max_steps) == (0.5, 10, 3)
     derived = config.derive(cfg, world_size=2, num_samples=640)
-    assert (derived.batch_size_per_device, derived.steps_per_epoch) == (32, 10)
+    assert (derived.batch_size_per_device, derived.steps_per_epoch) == (32, 8)  # 10 batches -> 8 for 8 workers
     assert derived.scaled_lr == pytest.approx(0.5 * 64 / 256)
     config.dump(cfg, tmp_path / "out.yaml", derived)
     assert "derived:" in (tmp_path / "out.yaml").read_text()
@@ -46,5 +46,5 @@ def test_missing_recipe_and_impossible_launches(recipe, tmp_path):
         config.derive(cfg, world_size=2, num_samples=10_000)
     with pytest.raises(ConfigError, match="global_batch_size=64 is not divisible by world size 3"):
         config.derive(config.load(recipe), world_size=3, num_samples=10_000)
-    with pytest.raises(ConfigError, match="smaller than optim.global_batch_size"):
+    with pytest.raises(ConfigError, match="gives no whole step of optim.global_batch_size=64"):
         config.derive(config.load(recipe, ["grouping.num_groups=10"]), world_size=1, num_samples=10)

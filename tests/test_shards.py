@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -21,8 +22,10 @@ from smog_scale.data.shards import (
     ShardOpenError,
     build_eval_loader,
     build_train_loader,
+    check_shards,
     count_samples,
     read_manifest,
+    shard_urls,
 )
 
 CROPS = (
@@ -109,6 +112,28 @@ def test_deterministic_for_seed_epoch_rank(shards: str) -> None:
         assert all(torch.equal(x, y) for x, y in zip(a["crops"], b["crops"], strict=True))
     assert [b["key"] for b in run(epoch=2, rank=0)] != [b["key"] for b in first]
     assert [b["key"] for b in run(epoch=1, rank=1)] != [b["key"] for b in first]
+
+
+@pytest.mark.parametrize("workers, start", [(0, 3), (2, 3), (2, 4), (3, 5)])
+@pytest.mark.parametrize("resampled", [True, False])
+def test_resume_mid_epoch_replays_the_rest_of_the_pass(shards: str, workers: int, start: int, resampled: bool) -> None:
+    def loader(start_batch: int):
+        return build_train_loader(shards, crops=CROPS, batch_size=2, num_workers=workers, seed=5, epoch=1,
+                                  shuffle_buffer=8, resampled=resampled, start_batch=start_batch)
+
+    full = list(loader(0))
+    resumed = list(itertools.islice(loader(start), len(full) - start))
+    assert [b["key"] for b in resumed] == [b["key"] for b in full[start:]]
+    for a, b in zip(resumed, full[start:]):
+        assert all(torch.equal(x, y) for x, y in zip(a["crops"], b["crops"], strict=True))
+
+
+def test_folder_urls_and_missing_shards(shards: str, tmp_path: Path) -> None:
+    folder = str(Path(shard_urls(shards)[0]).parent)
+    assert shard_urls(folder) == check_shards(folder) == shard_urls(shards)
+    assert count_samples(folder) == count_samples(shards)
+    with pytest.raises(FileNotFoundError, match=r"2 of 3 shards .* do not exist: .*x-000001.tar"):
+        check_shards(f"{shard_urls(shards)[0]}::{tmp_path}/x-{{000001..000002}}.tar")
 
 
 def test_set_epoch_matches_building_for_that_epoch(shards: str) -> None:

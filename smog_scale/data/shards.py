@@ -28,6 +28,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
@@ -87,16 +88,38 @@ def _load_manifest(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def shard_urls(urls: str) -> list[str]:
+    """The shard list of ``urls``: a folder holding ``manifest.json`` gives the shards it lists;
+    anything else is brace-expanded (``::`` joins several patterns)."""
+    if os.path.isdir(urls):
+        folder = urls
+        return [os.path.join(folder, s["name"]) for s in _load_manifest(os.path.join(folder, MANIFEST_NAME))["shards"]]
+    return expand_urls(urls)
+
+
+def check_shards(urls: str) -> list[str]:
+    """The shard list, after checking that every local shard exists; raises naming the missing ones."""
+    url_list = shard_urls(urls)
+    if not url_list:
+        raise FileNotFoundError(f"no shards in {urls!r}")
+    local = [u for u in url_list if urlparse(u).scheme in ("", "file")]
+    missing = [u for u in local if not os.path.isfile(urlparse(u).path if u.startswith("file:") else u)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{len(missing)} of {len(url_list)} shards of {urls!r} do not exist: {shown}")
+    return url_list
+
+
 def read_manifest(urls: str) -> dict[str, Any]:
     """The converter's manifest beside the first shard of ``urls`` (local paths only)."""
-    return _load_manifest(_manifest_path(expand_urls(urls)[0]))
+    return _load_manifest(_manifest_path(shard_urls(urls)[0]))
 
 
 def count_samples(urls: str) -> int:
     """Samples in exactly the shards ``urls`` names, from the manifests beside them."""
     total = 0
     manifests: dict[str, dict[str, int]] = {}
-    for url in expand_urls(urls):
+    for url in shard_urls(urls):
         path = _manifest_path(url)
         if path not in manifests:
             manifests[path] = {s["name"]: s["samples"] for s in _load_manifest(path)["shards"]}
@@ -161,35 +184,84 @@ def _worker_id() -> int:
     return info.id if info is not None else 0
 
 
-def _stream_seed(seed: int, epoch: int, rank: int, salt: int, passes: int = 0) -> int:
-    """Seed of one random stream of this worker; SeedSequence keeps distinct tuples apart."""
-    entropy = [seed, epoch, rank, _worker_id(), salt, passes]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+@dataclass(frozen=True)
+class _Streams:
+    """The random streams of one rank's epoch, one set per worker.
+
+    A pass resumed at batch ``start_batch`` replays the straight pass exactly: the DataLoader takes
+    batches from its workers round-robin, so DataLoader worker i plays worker (i + start_batch) %
+    workers, and each worker drops, before decoding, the samples of the batches it already gave.
+    """
+
+    seed: int
+    epoch: int
+    rank: int
+    workers: int
+    start_batch: int = 0
+
+    def worker(self) -> int:
+        return (_worker_id() + self.start_batch) % self.workers
+
+    def seed_for(self, salt: int, passes: int = 0) -> int:
+        """Seed of one stream of this worker; SeedSequence keeps distinct tuples apart."""
+        entropy = [self.seed, self.epoch, self.rank, self.worker(), salt, passes]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+    def batches_done(self) -> int:
+        """Batches this worker gave before ``start_batch`` in the straight pass."""
+        return len(range(self.worker(), self.start_batch, self.workers))
 
 
 class _Seeded(wds.PipelineStage):
     """Runs ``build(rng)`` on the stream with an RNG seeded per (seed, epoch, rank, worker, pass)."""
 
-    def __init__(self, build: Callable[[random.Random], Callable], seed: int, epoch: int, rank: int, salt: int):
-        self.build, self.seed, self.epoch, self.rank, self.salt = build, seed, epoch, rank, salt
+    def __init__(self, build: Callable[[random.Random], Callable], streams: _Streams, salt: int):
+        self.build, self.streams, self.salt = build, streams, salt
         self.passes = 0
 
     def run(self, src: Iterator[Any]) -> Iterator[Any]:
-        rng = random.Random(_stream_seed(self.seed, self.epoch, self.rank, self.salt, self.passes))
+        rng = random.Random(self.streams.seed_for(self.salt, self.passes))
         self.passes += 1
         return self.build(rng)(src)
+
+
+def _split_by_worker(src: Iterator[dict], streams: _Streams) -> Iterator[dict]:
+    """``wds.split_by_worker`` over the rotated worker ids of ``streams``."""
+    for index, item in enumerate(src):
+        if index % streams.workers == streams.worker():
+            yield item
+
+
+def _seed_samples(rng: random.Random) -> Callable:
+    """Give every sample its own augmentation seed, so dropping samples never shifts the others'."""
+    return wds.map(lambda sample: dict(sample, aug_seed=rng.getrandbits(64)))
+
+
+class _SkipDone(wds.PipelineStage):
+    """Drop, undecoded, the samples of the batches this worker gave before ``start_batch``; the
+    count carries over the passes that ``with_epoch`` makes when a worker's shards run short."""
+
+    def __init__(self, streams: _Streams, batch_size: int) -> None:
+        self.streams, self.batch_size = streams, batch_size
+        self.remaining: int | None = None
+
+    def run(self, src: Iterator[dict]) -> Iterator[dict]:
+        if self.remaining is None:
+            self.remaining = self.streams.batches_done() * self.batch_size
+        for sample in src:
+            if self.remaining > 0:
+                self.remaining -= 1
+                continue
+            yield sample
 
 
 def _shuffle_with(bufsize: int, rng: random.Random) -> Callable:
     return wds.shuffle(bufsize, rng=rng)
 
 
-def _augment_sample(sample: dict, transform: MultiCrop, rng: random.Random) -> dict:
-    return {"crops": transform(sample["jpg"], rng), "cls": int(sample["cls"]), "key": sample["__key__"]}
-
-
-def _augment_with(transform: MultiCrop, handler: SkipCounter, rng: random.Random) -> Callable:
-    return wds.map(functools.partial(_augment_sample, transform=transform, rng=rng), handler=handler)
+def _augment_sample(sample: dict, transform: MultiCrop) -> dict:
+    crops = transform(sample["jpg"], random.Random(sample["aug_seed"]))
+    return {"crops": crops, "cls": int(sample["cls"]), "key": sample["__key__"]}
 
 
 def _collate_counting(samples: list[dict], counter: SkipCounter) -> dict[str, Any]:
@@ -238,25 +310,28 @@ class ShardLoader:
 
 
 def _train_pipeline(epoch: int, *, urls: list[str], transform: MultiCrop, batch_size: int,
-                    worker_batches: int, seed: int, rank: int, world_size: int, shuffle_buffer: int,
-                    resampled: bool, open_attempts: int, retry_delay_s: float) -> wds.DataPipeline:
+                    worker_batches: int, seed: int, rank: int, world_size: int, workers: int, start_batch: int,
+                    shuffle_buffer: int, resampled: bool, open_attempts: int, retry_delay_s: float) -> wds.DataPipeline:
     """The training DataPipeline for one epoch (see the module docstring for the stages)."""
     counter = SkipCounter()
+    streams = _Streams(seed, epoch, rank, workers, start_batch)
     if resampled:
-        worker_seed = functools.partial(_stream_seed, seed, epoch, rank, _SALT_SHARDS)
+        worker_seed = functools.partial(streams.seed_for, _SALT_SHARDS)
         shards: list[Any] = [wds.ResampledShards(urls, worker_seed=worker_seed, deterministic=True)]
     else:
         order_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
         shards = [
             wds.SimpleShardList(urls, seed=order_seed),  # the same order on every rank and worker
             wds.pipelinefilter(_split_by_rank)(rank, world_size),
-            wds.split_by_worker,
+            wds.pipelinefilter(_split_by_worker)(streams),
         ]
     pipeline = wds.DataPipeline(
         *shards,
         *_read_samples(counter, open_attempts, retry_delay_s),
-        _Seeded(functools.partial(_shuffle_with, shuffle_buffer), seed, epoch, rank, _SALT_SHUFFLE),
-        _Seeded(functools.partial(_augment_with, transform, counter), seed, epoch, rank, _SALT_AUGMENT),
+        _Seeded(functools.partial(_shuffle_with, shuffle_buffer), streams, _SALT_SHUFFLE),
+        _Seeded(_seed_samples, streams, _SALT_AUGMENT),
+        _SkipDone(streams, batch_size),
+        wds.map(functools.partial(_augment_sample, transform=transform), handler=counter),
         wds.batched(batch_size, collation_fn=functools.partial(_collate_counting, counter=counter), partial=False),
     )
     return pipeline.with_epoch(nbatches=worker_batches)
@@ -279,6 +354,7 @@ def build_train_loader(
     retry_delay_s: float = 1.0,
     pin_memory: bool = False,
     draft: bool = True,
+    start_batch: int = 0,
 ) -> ShardLoader:
     """Multi-crop training batches from shards ``urls`` for one rank; see the module docstring.
 
@@ -298,11 +374,15 @@ def build_train_loader(
         retry_delay_s: back-off unit between attempts (attempt k waits k x this).
         pin_memory: passed to the DataLoader.
         draft: allow reduced-size JPEG decoding where no crop gets upscaled by it.
+        start_batch: resume the epoch at this batch: the batches then equal batches
+            ``start_batch, start_batch + 1, ...`` of the full pass (exact unless samples before it
+            were skipped as corrupt); the skipped samples are read but not decoded. Iterate only
+            the ``len(loader) - start_batch`` batches that remain.
     """
     if min(seed, epoch) < 0 or batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need seed, epoch >= 0, batch_size >= 1 and 0 <= rank < world_size; got "
                          f"{seed=}, {epoch=}, {batch_size=}, {rank=}, {world_size=}")
-    url_list, workers = expand_urls(urls), max(1, num_workers)
+    url_list, workers = shard_urls(urls), max(1, num_workers)
     if not resampled and len(url_list) < workers * world_size:
         raise ValueError(f"{len(url_list)} shards cannot feed {workers} workers x {world_size} ranks without "
                          "resampling: use resampled=True, fewer workers, or more (smaller) shards")
@@ -313,8 +393,8 @@ def build_train_loader(
                          f"for each of {workers} workers x {world_size} ranks")
     build = functools.partial(
         _train_pipeline, urls=url_list, transform=MultiCrop(crops, draft=draft), batch_size=batch_size,
-        worker_batches=worker_batches, seed=seed, rank=rank, world_size=world_size,
-        shuffle_buffer=shuffle_buffer, resampled=resampled, open_attempts=open_attempts,
+        worker_batches=worker_batches, seed=seed, rank=rank, world_size=world_size, workers=workers,
+        start_batch=start_batch, shuffle_buffer=shuffle_buffer, resampled=resampled, open_attempts=open_attempts,
         retry_delay_s=retry_delay_s,
     )
     return ShardLoader(build, epoch=epoch, num_batches=worker_batches * workers,
@@ -350,7 +430,7 @@ def build_eval_loader(
     """
     counter = SkipCounter()
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(urls),
+        wds.SimpleShardList(shard_urls(urls)),
         wds.pipelinefilter(_split_by_rank)(rank, world_size),
         wds.split_by_worker,
         *_read_samples(counter, open_attempts, retry_delay_s),

@@ -1,0 +1,289 @@
+"""Spherical k-means over the union of all ranks' feature caches (ALGORITHM.md "Periodic re-grouping", step 1).
+
+Two modes, both ending with bit-identical centroids on every rank:
+
+- ``gather``: all-gather the caches, cluster the union on rank 0, broadcast the result.
+- ``sharded``: no rank holds the union. Rank 0 seeds the centroids from a small sample gathered from
+  every rank and broadcasts them; each iteration every rank assigns its own rows with a faiss index and
+  the per-centroid sums and counts are all-reduced (DeepCluster-v2's M-step).
+
+Both run the same Lloyd loop (``gather`` runs it on rank 0 alone). faiss does the nearest-centroid search;
+the loop is written here because ``faiss.Kmeans`` cannot all-reduce between iterations and can leave a
+cluster empty (it splits big clusters, which duplicate rows defeat). Empty clusters are re-seeded from the
+rows farthest from their centroid until none is left.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import faiss
+import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes search torch tensors, CUDA ones included)
+import torch
+import torch.nn.functional as F
+
+from smog_scale import dist
+
+Mode = Literal["gather", "sharded"]
+Init = Literal["greedy_kmeans++", "random"]
+
+# Lloyd iterations allowed past ``iters`` to re-seed clusters that are still empty.
+_MAX_REPAIR_ITERS = 10
+
+
+class KMeansResult(NamedTuple):
+    """One re-grouping's output and the health statistics the trainer logs (ALGORITHM.md, "Health signals").
+
+    Every field is identical on every rank, and the statistics describe ``centroids`` themselves.
+    """
+
+    centroids: torch.Tensor  # K x D float32, unit norm
+    sizes: torch.Tensor  # K int64: rows of the union assigned to each centroid (all > 0)
+    num_reseeded: int  # empty clusters re-seeded, summed over the iterations
+    mean_distance: float  # mean cosine distance (1 - cos) of the union's rows to their centroid
+    iterations: int  # Lloyd updates run
+
+
+@dataclass(frozen=True)
+class _Options:
+    """:func:`fit`'s keyword arguments, passed down as one value."""
+
+    iters: int
+    tol: float
+    init: Init
+    init_sample: int
+    init_trials: int
+    seed: int
+
+
+def kmeans(feats: torch.Tensor, k: int, **options: Any) -> torch.Tensor:
+    """K x D unit-norm centroids of ``feats`` (N_r x D, this rank's cache); ``options`` are :func:`fit`'s."""
+    return fit(feats, k, **options).centroids
+
+
+def fit(
+    feats: torch.Tensor,
+    k: int,
+    *,
+    mode: Mode = "gather",
+    iters: int = 20,
+    tol: float = 1e-3,
+    init: Init = "greedy_kmeans++",
+    init_sample: int = 16384,
+    init_trials: int = 24,
+    seed: int = 0,
+) -> KMeansResult:
+    """Spherical k-means over the union of all ranks' ``feats`` (ALGORITHM.md re-grouping step 1).
+
+    Args:
+        feats: N_r x D rows of this rank's feature cache; ranks may hold different N_r. Rows are
+            L2-normalized here. Single-process when no process group is initialized.
+        k: number of centroids K; at most the number of rows in the union.
+        mode: ``"gather"`` or ``"sharded"`` (see the module docstring).
+        iters: most Lloyd updates (a few more only while clusters are empty).
+        tol: stop early once an update lowers the mean cosine distance by at most this fraction.
+        init: ``"greedy_kmeans++"`` (default; on clustered data it ends within 1% of scikit-learn's full
+            k-means++, where ``"random"``, faiss's own init, ends about 15% worse) or ``"random"`` rows.
+        init_sample: rows of the union (drawn from every rank in proportion) that seeding looks at.
+            Seeding time grows with it; below ~16k clustered data loses coverage of small clusters.
+        init_trials: candidates tried per greedy k-means++ step; 24 keeps clustered data within 1% of
+            scikit-learn, 8 ends ~4% worse.
+        seed: seeds the sample and the seeding; the same seed and inputs give the same centroids.
+
+    Raises:
+        ValueError: ``feats`` is not 2-D, holds non-finite values, ``k`` exceeds the rows of the union,
+            or the union has fewer than ``k`` distinct rows (clusters that cannot be filled).
+    """
+    if mode not in ("gather", "sharded"):
+        raise ValueError(f"k-means mode must be 'gather' or 'sharded', got {mode!r}")
+    if init not in ("greedy_kmeans++", "random"):
+        raise ValueError(f"k-means init must be 'greedy_kmeans++' or 'random', got {init!r}")
+    total_rows = _checked_union_rows(feats, k)
+    x = F.normalize(feats.detach().float(), dim=1).contiguous()
+    options = _Options(iters, tol, init, init_sample, init_trials, seed)
+    if mode == "sharded":
+        result = _cluster(x, k, total_rows, options, sync=True)
+        # All-reduced inputs already agree; the broadcast makes bit-identity independent of the backend.
+        result = result._replace(centroids=dist.broadcast(result.centroids))
+    else:
+        union = dist.all_gather_cat(x)
+        result = _cluster(union, k, total_rows, options, sync=False) if dist.rank() == 0 else None
+        result = _broadcast_result(result, k, x)
+    empty = int((result.sizes == 0).sum())
+    if empty:
+        raise ValueError(
+            f"{empty} of k={k} clusters stayed empty after re-seeding: the union of {total_rows} rows "
+            f"seems to hold fewer than {k} distinct rows"
+        )
+    return result
+
+
+def _checked_union_rows(feats: torch.Tensor, k: int) -> int:
+    """Rows in the union of all ranks' caches; every rank raises the same error on bad input."""
+    if feats.dim() != 2:
+        raise ValueError(f"k-means expects an N x D feature matrix, got shape {tuple(feats.shape)}")
+    if k < 1:
+        raise ValueError(f"k-means needs k >= 1 clusters, got k={k}")
+    local = torch.stack([torch.tensor(feats.shape[0], device=feats.device), (~torch.isfinite(feats)).sum()])
+    rows, nonfinite = (int(v) for v in dist.all_reduce_sum(local).tolist())
+    if nonfinite:
+        raise ValueError(f"k-means input holds {nonfinite} non-finite values in the union of {rows} rows")
+    if k > rows:
+        raise ValueError(f"k={k} clusters exceed the {rows} rows of the union of the feature caches")
+    return rows
+
+
+def _cluster(x: torch.Tensor, k: int, total_rows: int, options: _Options, *, sync: bool) -> KMeansResult:
+    """Seed on rank 0, broadcast, then run Lloyd's loop over ``x`` (N_r x D unit rows).
+
+    ``sync=True`` reduces over all ranks (``sharded``); ``sync=False`` treats ``x`` as the whole union and
+    issues no collective (``gather`` on rank 0).
+    """
+    sample = _sample_union(x, max(options.init_sample, k), total_rows, options.seed, sync)
+    centroids = x.new_empty(k, x.shape[1])
+    if not sync or dist.rank() == 0:
+        generator = torch.Generator(device=x.device).manual_seed(options.seed)
+        if options.init == "greedy_kmeans++":
+            centroids = _greedy_kmeanspp(sample, k, options.init_trials, generator)
+        else:
+            centroids = sample[torch.randperm(len(sample), generator=generator, device=x.device)[:k]]
+    if sync:
+        dist.broadcast(centroids)
+    return _lloyd(x, centroids, total_rows, iters=options.iters, tol=options.tol, sync=sync)
+
+
+def _sample_union(x: torch.Tensor, size: int, total_rows: int, seed: int, sync: bool) -> torch.Tensor:
+    """About ``size`` x D rows drawn without replacement from the union, each rank in proportion to its rows.
+
+    With ``sync`` every rank receives the gathered sample; its share is drawn with ``seed + rank``.
+    """
+    share = min(len(x), math.ceil(size * len(x) / total_rows))
+    generator = torch.Generator().manual_seed(seed + (dist.rank() if sync else 0))
+    rows = x[torch.randperm(len(x), generator=generator)[:share].to(x.device)]
+    return dist.all_gather_cat(rows) if sync else rows
+
+
+def _greedy_kmeanspp(sample: torch.Tensor, k: int, trials: int, generator: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding (as scikit-learn's) of k rows of ``sample`` (M x D unit rows) -> k x D.
+
+    Written here because faiss only seeds at random. Each step draws ``trials`` candidates with probability
+    proportional to their cosine distance to the nearest seed so far (for unit rows, half the squared
+    distance of k-means++) and keeps the one that lowers the sample's summed distance most.
+    """
+    seeds = sample.new_empty(k, sample.shape[1])
+    seeds[0] = sample[torch.randint(len(sample), (), generator=generator, device=sample.device)]
+    # Floor 1e-12 keeps multinomial valid: rounding can make a seed's own distance negative, and a sample
+    # of duplicates leaves every distance at 0.
+    nearest = (1 - sample @ seeds[0]).clamp_min_(1e-12)  # M: distance to the nearest seed so far
+    for j in range(1, k):
+        candidates = sample[torch.multinomial(nearest, trials, replacement=True, generator=generator)]
+        # How much each candidate would lower each row's distance: relu(nearest - (1 - cos)).
+        decrease = torch.addmm(nearest - 1, candidates, sample.T).clamp_min_(0)  # trials x M
+        best = decrease.sum(dim=1).argmax()
+        seeds[j] = candidates[best]
+        nearest = (nearest - decrease[best]).clamp_min_(1e-12)
+    return seeds
+
+
+def _lloyd(
+    x: torch.Tensor, centroids: torch.Tensor, total_rows: int, *, iters: int, tol: float, sync: bool
+) -> KMeansResult:
+    """Lloyd's loop from ``centroids`` (K x D) over ``x`` (N_r x D unit rows) with empty-cluster re-seeding.
+
+    Each pass assigns every row to its nearest centroid (faiss), reduces the per-centroid sums and counts
+    over ranks when ``sync``, and moves every centroid to its members' normalized mean; empty clusters are
+    re-seeded (:func:`_reseed_rows`). It returns once ``iters`` updates are done or ``tol`` is met and no
+    cluster is empty, or when the repair budget is spent (``fit`` then raises).
+    """
+    search = _NearestCentroid(x)
+    num_reseeded, previous = 0, math.inf
+    for iteration in range(iters + _MAX_REPAIR_ITERS + 1):
+        sims, labels = search(centroids)  # N_r, N_r
+        sums = _sum_over_ranks(torch.zeros_like(centroids).index_add_(0, labels, x), sync)  # K x D
+        sizes = _sum_over_ranks(torch.bincount(labels, minlength=len(centroids)), sync)  # K
+        mean_distance = 1 - float(_sum_over_ranks(sims.double().sum(), sync)) / total_rows
+        empty = (sizes == 0).nonzero().squeeze(1)
+        done = iteration >= iters or previous - mean_distance <= tol * mean_distance
+        if (done and len(empty) == 0) or iteration == iters + _MAX_REPAIR_ITERS:
+            return KMeansResult(centroids, sizes, num_reseeded, mean_distance, iteration)
+        # Summed cosine distance of each cluster's members to its current centroid.
+        cost = sizes - (sums * centroids).sum(dim=1)  # K
+        centroids = F.normalize(sums, dim=1)
+        if len(empty):
+            centroids[empty] = _reseed_rows(x, sims, labels, cost, len(empty), sync)
+            num_reseeded += len(empty)
+        previous = mean_distance
+    raise AssertionError("unreachable: the loop returns on its last iteration")
+
+
+def _reseed_rows(
+    x: torch.Tensor, sims: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, count: int, sync: bool
+) -> torch.Tensor:
+    """``count`` x D seeds for empty clusters, identical on every rank: the member farthest from its centroid
+    in each of the ``count`` clusters with the largest summed distance ``cost`` (K).
+
+    Members of different clusters are different points, so duplicate rows never hand two empty clusters
+    the same seed. Each rank offers its farthest member of those clusters; the farthest offer wins.
+    """
+    worst = torch.argsort(cost, descending=True, stable=True)[:count]
+    farthest_sim = sims.new_full(cost.shape, math.inf).scatter_reduce_(0, labels, sims, "amin")  # K
+    rows = torch.arange(len(x), device=x.device)
+    candidates = torch.where(sims == farthest_sim[labels], rows, len(x))  # N_r; len(x) means "not farthest"
+    farthest_row = torch.full_like(cost, len(x), dtype=torch.long).scatter_reduce_(0, labels, candidates, "amin")
+    offered = farthest_row[worst]  # count; len(x) where this rank holds no member
+    offer_rows = x.new_zeros(count, x.shape[1])
+    offer_rows[offered < len(x)] = x[offered[offered < len(x)]]
+    offer_sims = farthest_sim[worst]  # count; inf where this rank holds no member
+    if sync:
+        offer_rows = dist.all_gather_cat(offer_rows).view(-1, count, x.shape[1])  # W x count x D
+        offer_sims = dist.all_gather_cat(offer_sims).view(-1, count)  # W x count
+    else:
+        offer_rows, offer_sims = offer_rows[None], offer_sims[None]
+    winner = offer_sims.argmin(dim=0)  # count; the first rank on ties
+    return offer_rows[winner, torch.arange(count, device=x.device)]
+
+
+def _sum_over_ranks(tensor: torch.Tensor, sync: bool) -> torch.Tensor:
+    return dist.all_reduce_sum(tensor) if sync else tensor
+
+
+class _NearestCentroid:
+    """Nearest centroid by inner product with a faiss flat index; a GPU index when CUDA and faiss-gpu exist."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        use_gpu = torch.cuda.is_available() and hasattr(faiss, "GpuIndexFlatIP")
+        self.device = x.device
+        self.gpu = faiss.StandardGpuResources() if use_gpu else None
+        if not use_gpu:
+            self.rows = x.cpu()
+        else:
+            self.rows = x if x.is_cuda else x.to(torch.device("cuda", torch.cuda.current_device()))
+
+    def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Similarity to and index of each row's nearest centroid (K x D) -> (N_r float32, N_r int64)."""
+        dim = centroids.shape[1]
+        if self.gpu is not None:
+            config = faiss.GpuIndexFlatConfig()
+            config.device = self.rows.device.index
+            index = faiss.GpuIndexFlatIP(self.gpu, dim, config)
+        else:
+            index = faiss.IndexFlatIP(dim)
+        index.add(centroids.to(self.rows.device).contiguous())
+        sims, labels = index.search(self.rows, 1)
+        return sims[:, 0].to(self.device), labels[:, 0].to(self.device)
+
+
+def _broadcast_result(result: KMeansResult | None, k: int, x: torch.Tensor) -> KMeansResult:
+    """Rank 0's result on every rank (``gather`` mode); ``result`` is None on the other ranks."""
+    if result is None:  # placeholders that the broadcast overwrites
+        sizes = torch.empty(k, dtype=torch.long, device=x.device)
+        result = KMeansResult(x.new_empty(k, x.shape[1]), sizes, 0, 0.0, 0)
+    scalars = torch.tensor(
+        [result.num_reseeded, result.mean_distance, result.iterations], dtype=torch.float64, device=x.device
+    )
+    for tensor in (result.centroids, result.sizes, scalars):
+        dist.broadcast(tensor)
+    num_reseeded, mean_distance, iterations = scalars.tolist()
+    return KMeansResult(result.centroids, result.sizes, int(num_reseeded), mean_distance, int(iterations))

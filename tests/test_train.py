@@ -1,0 +1,134 @@
+"""The trainer end to end through ``accelerate launch`` on tiny demo shards (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smog_scale.data.demo import write_demo
+from smog_scale.data.make_shards import ConvertOptions, convert
+
+ROOT = Path(__file__).parent.parent
+TRAIN = ROOT / "smog_scale" / "train.py"
+# demo_cpu.yaml shrunk to seconds: a tiny timm ResNet at 32 px, 8 images per rank per step.
+TINY = [
+    "model.backbone=test_resnet", "model.proj_hidden_dim=64", "model.proj_dim=16", "model.pred_hidden_dim=64",
+    "data.crops=[{size: 32, count: 2, scale: [0.3, 1.0]}, {size: 16, count: 2, scale: [0.1, 0.3], blur_p: 0.5}]",
+    "data.num_workers=1", "data.shuffle_buffer=20", "optim.global_batch_size=16", "optim.epochs=4",
+    "grouping.num_groups=8", "grouping.cache_size=64", "grouping.regroup_every=3", "run.log_every=1",
+    "run.trackers=[]", "run.save_every=1000",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    write_demo(root / "images", train_per_class=8, val_per_class=1)
+    convert(root / "images" / "train", root / "shards", ConvertOptions(samples_per_shard=10), progress=False)
+    return root / "shards"
+
+
+def launch(run: Path, shards: Path, *overrides: str, processes: int = 1, wait: bool = True):
+    """``accelerate launch`` the trainer on CPU; returns the CompletedProcess (or the Popen)."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    multi = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"] if processes > 1 \
+        else ["--num_processes", "1"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_cpu_threads_per_process", "1",
+           str(TRAIN), str(ROOT / "recipes" / "demo_cpu.yaml"), f"run.output_dir={run}",
+           f"data.train_shards={shards}", *TINY, *overrides]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def records(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def final_state(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    return {**load_file(str(ckpt / "model.safetensors")), **load_file(str(ckpt / "smog.safetensors"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_training_runs_and_checkpoints(tmp_path, shards, processes):
+    run = tmp_path / "run"
+    launch(run, shards, "run.max_steps=12", processes=processes)
+    losses = [r["loss"] for r in records(run)]
+    assert len(losses) == 12 and all(map(lambda x: x == x and abs(x) < 1e3, losses))
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    ckpt = run / "checkpoints" / "step_00000012"
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(
+        ["model.safetensors", "optimizer.bin", "smog.safetensors", "trainer_state.json"]
+        + [f"random_states_{r}.pkl" for r in range(processes)] + [f"cache_rank{r}.safetensors" for r in range(processes)])
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert (state["global_step"], state["samples_seen"], state["world_size"]) == (12, 12 * 16, processes)
+    groups = load_file(str(ckpt / "smog.safetensors"))["groups"]
+    assert groups.shape == (8, 16) and torch.allclose(groups.norm(dim=1), torch.ones(8))
+    for r in range(processes):
+        rank = load_file(str(ckpt / f"cache_rank{r}.safetensors"))
+        assert torch.equal(rank["groups"], groups), f"rank {r} holds different groups"
+        assert int(rank["filled"]) == 64  # 12 steps x 2 views x 8 samples per rank fill 64 rows
+    assert (run / "config.yaml").is_file() and not list((run / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_resume_equals_straight_run(tmp_path, shards):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(straight, shards, "run.max_steps=8")
+    launch(resumed, shards, "run.max_steps=5")  # stops mid-epoch (5 steps per epoch are 4.. see derive)
+    out = launch(resumed, shards, "run.max_steps=8")
+    assert "resumed from" in out.stdout
+    a, b = final_state(straight), final_state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["loss"] for r in records(straight)] == [r["loss"] for r in records(resumed)]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues(tmp_path, shards):
+    run = tmp_path / "run"
+    proc = launch(run, shards, "run.max_steps=200", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(records(run)) >= 3):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)  # what SLURM does at pre-emption: the whole process group
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    saved = sorted((run / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and "stop requested" in out
+    step = json.loads((saved[0] / "trainer_state.json").read_text())["global_step"]
+    assert 3 <= step < 200
+    launch(run, shards, f"run.max_steps={step + 2}")
+    assert json.loads((sorted((run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json").read_text())[
+        "global_step"] == step + 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=1", "unknown key 'optim.lr'; did you mean"),
+    ("optim.epochs=many", "optim.epochs: expected int, got 'many'"),
+    ("data.train_shards=/nowhere/x-{0..3}.tar", "4 of 4 shards of '/nowhere/x-{0..3}.tar' do not exist"),
+    ("grouping.num_groups=100", "grouping.num_groups=100 exceeds the feature cache"),
+])
+def test_bad_recipe_exits_2_naming_the_key(tmp_path, shards, override, message):
+    cmd = [sys.executable, str(TRAIN), str(ROOT / "recipes" / "demo_cpu.yaml"), f"run.output_dir={tmp_path}",
+           f"data.train_shards={shards}", *TINY, override]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "checkpoints").exists()
