@@ -59,7 +59,7 @@ class ModelConfig:
     proj_hidden_dim: int = 2048  # ALGORITHM.md networks (BYOL)
     proj_dim: int = 128  # D, the group feature dimension (paper)
     pred_hidden_dim: int = 2048
-    sync_bn: bool = True  # SyncBatchNorm in backbone and heads when world size > 1
+    sync_bn: bool = True  # SyncBatchNorm in backbone and heads with several CUDA ranks (CPU ranks: per-rank BN)
     channels_last: bool = True  # faster convolutions on GPU; ignored for transformers
     compile: bool = False  # torch.compile the model
 

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Sequence
@@ -303,10 +304,17 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = torch.utils.data.DataLoader(
-            self._build(self.epoch), batch_size=None, shuffle=False,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            self._build(self.epoch), batch_size=None, shuffle=False, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, worker_init_fn=_ignore_preemption_signals,
         )
         return iter(loader)
+
+
+def _ignore_preemption_signals(_worker: int) -> None:
+    """Workers ignore SIGTERM/SIGUSR1: a cluster signals the whole process group at pre-emption,
+    and the trainer, not its loader workers, decides when to stop (after a checkpoint)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _train_pipeline(epoch: int, *, urls: list[str], transform: MultiCrop, batch_size: int,
