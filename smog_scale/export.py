@@ -10,7 +10,7 @@ The export is a timm "local-dir" model folder: ``model.safetensors`` (the backbo
 and ``config.json`` in timm's hub format plus a ``smog`` section (recipe, step, dropped keys), so both
 ``timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...))`` and
 ``timm.create_model("local-dir:OUT_DIR", pretrained=True, num_classes=0)`` load it. ``resnet50x2`` /
-``resnet50x4`` need ``import smog_scale.models.backbone`` first (it registers them with timm).
+``resnet50x4`` need ``import smog_scale`` first (it registers them with timm).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ size, mean/std, plus a "smog" section with the recipe, the step and the keys lef
                       pretrained_cfg_overlay=dict(file="OUT_DIR/model.safetensors"))
     timm.create_model("local-dir:OUT_DIR", pretrained=True, num_classes=0)
 
-(for resnet50x2 / resnet50x4, ``import smog_scale.models.backbone`` first: it registers them). Before
+(for resnet50x2 / resnet50x4, ``import smog_scale`` first: it registers them). Before
 the files are moved into OUT_DIR the export is loaded back through timm and compared with the training
 backbone: same keys and tensors, features within 1e-5 on a random batch. Exit code 2 on bad input
 (missing files, keys or shapes that do not fit the recipe's architecture) or a failed self-check.
