@@ -42,7 +42,7 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def test_core_loop_loss_falls_without_collapse():
     torch.manual_seed(0)
     images, _ = synthetic_images(256)
-    model = SMoGModel("resnet18", proj_hidden_dim=128, proj_dim=32, pred_hidden_dim=128)
+    model = SMoGModel("test_resnet", proj_hidden_dim=128, proj_dim=32, pred_hidden_dim=128)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     bank, cache = GroupBank(16, 32), FeatureCache(512, 32)
     gen = torch.Generator().manual_seed(1)

@@ -26,16 +26,6 @@ from smog_scale.plots import plot_group_quality
 TOOLS = Path(__file__).parent.parent / "tools"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tensors are small, and on a busy 2-core machine the spin-waits of a
-    second thread cost 100x (0.08 s vs 10 s for the probe test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def clustered(n: int, num_classes: int, dim: int, seed: int, noise: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm features around one random centre per class, and their labels."""
     gen = torch.Generator().manual_seed(seed)

@@ -19,16 +19,6 @@ TOOLS = Path(__file__).parent.parent / "tools"
 HEADS = dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the batches are tiny, and on a busy 2-core machine the spin-waits of a
-    second thread cost 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_run(root: Path, backbone: str, backbone_kwargs: dict | None = None, image_size: int = 64,
              steps: tuple[int, ...] = (7,), wrapper_prefix: str = "") -> SMoGModel:
     """A run folder as the trainer leaves it: config.yaml plus checkpoints/step_*/ holding a SMoGModel's
