@@ -136,3 +136,28 @@ def test_bad_recipe_exits_2_naming_the_key(tmp_path, shards, override, message):
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_adamw_trains_resumes_and_refuses_lars(tmp_path, shards):
+    """One CPU process under DeepSpeed ZeRO-2 (accelerate's DeepSpeed path on CPU reports a single
+    process even when torch has two ranks, so several ranks are checked on GPUs only)."""
+    pytest.importorskip("deepspeed")
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    base = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
+            "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            str(TRAIN), str(ROOT / "recipes" / "demo_cpu.yaml"), f"data.train_shards={shards}", *TINY,
+            "optim.base_lr=0.001", "optim.weight_decay=0.05"]
+    run = tmp_path / "run"
+    for steps in (4, 6):
+        done = subprocess.run([*base, f"run.output_dir={run}", "optim.name=adamw", f"run.max_steps={steps}"],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "resumed from" in done.stdout
+    ckpt = run / "checkpoints" / "step_00000006"
+    assert (ckpt / "pytorch_model").is_dir(), sorted(p.name for p in ckpt.iterdir())  # DeepSpeed's format
+    assert len(records(run)) == 6
+    refused = subprocess.run([*base, f"run.output_dir={tmp_path / 'lars'}", "optim.name=lars"],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "optim.name=lars cannot run under DeepSpeed ZeRO" in refused.stderr
