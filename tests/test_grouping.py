@@ -39,6 +39,12 @@ def test_assign_and_update_match_loop_reference(num_groups):
     assert not torch.equal(new[~empty], groups[~empty])
 
 
+def test_assign_in_blocks_equals_one_matmul():
+    groups = F.normalize(torch.randn(3000, 32), dim=1)
+    feats = torch.randn(4000, 32)  # 3 blocks of 1398 rows
+    assert torch.equal(assign(groups, feats), (feats @ groups.t()).argmax(dim=1))
+
+
 def test_update_float32_matches_reference_within_tolerance():
     groups = F.normalize(torch.randn(300, 128), dim=1)
     feats = F.normalize(torch.randn(1024, 128), dim=1)
