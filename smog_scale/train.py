@@ -7,10 +7,12 @@ Exit codes: 0 done or pre-empted (checkpoint written), 1 stopped on non-finite s
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -163,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, request_stop)
     try:
         return train(state, log)
+    except BaseException as err:
+        # Free the DataLoader iterator the traceback holds, so its workers shut down now: they ignore
+        # SIGTERM (pre-emption), and at exit multiprocessing would SIGTERM them and wait forever.
+        traceback.clear_frames(err.__traceback__)
+        gc.collect()
+        raise
     finally:
         log.close()
 

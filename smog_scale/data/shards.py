@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.gopen import Pipe
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -148,12 +149,23 @@ class _ReadAhead:
         self._stream.close()
 
 
-def _open_one(url: str, attempts: int, delay_s: float) -> _ReadAhead:
-    """Open ``url`` with ``wds.gopen``; pipe:/curl failures only show on read, so read a block."""
+def _gopen(url: str, stall_timeout_s: float) -> IO[bytes]:
+    """``wds.gopen``, except http(s): webdataset's curl has no stall timeout (a server that stops
+    sending hangs the reader forever) and retries up to 30 times itself, so our curl aborts after
+    ``stall_timeout_s`` without a connection or a byte, and ``_open_one`` owns the retries."""
+    if urlparse(url).scheme not in ("http", "https"):
+        return wds.gopen(url)
+    seconds = str(max(1, round(stall_timeout_s)))
+    return Pipe(["curl", "--connect-timeout", seconds, "--speed-limit", "1", "--speed-time", seconds,
+                 "-f", "-s", "-L", url], mode="rb", bufsize=8192, ignore_status=[141, 23])
+
+
+def _open_one(url: str, attempts: int, delay_s: float, stall_timeout_s: float) -> _ReadAhead:
+    """Open ``url`` (``_gopen``); pipe:/curl failures only show on read, so read a block."""
     error: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
-            stream = wds.gopen(url)
+            stream = _gopen(url, stall_timeout_s)
             head = stream.read(512)
             if not head:
                 stream.close()  # a failed command raises its exit status here
@@ -167,10 +179,10 @@ def _open_one(url: str, attempts: int, delay_s: float) -> _ReadAhead:
     raise ShardOpenError(f"cannot open shard {url!r} after {attempts} attempts: {error!r}") from error
 
 
-def _open_shards(src: Iterator[dict], attempts: int, delay_s: float) -> Iterator[dict]:
+def _open_shards(src: Iterator[dict], attempts: int, delay_s: float, stall_timeout_s: float) -> Iterator[dict]:
     """``wds.url_opener`` with bounded retries; it neither retries nor sees lazy pipe failures."""
     for sample in src:
-        yield dict(sample, stream=_open_one(sample["url"], attempts, delay_s))
+        yield dict(sample, stream=_open_one(sample["url"], attempts, delay_s, stall_timeout_s))
 
 
 def _split_by_rank(src: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
@@ -269,10 +281,10 @@ def _collate_counting(samples: list[dict], counter: SkipCounter) -> dict[str, An
     return dict(collate_views(samples), skipped=counter.take())
 
 
-def _read_samples(counter: SkipCounter, attempts: int, delay_s: float) -> list[Callable]:
+def _read_samples(counter: SkipCounter, attempts: int, delay_s: float, stall_timeout_s: float) -> list[Callable]:
     """Stages from shard URLs to grouped samples; errors inside a shard go to ``counter``."""
     return [
-        wds.pipelinefilter(_open_shards)(attempts, delay_s),
+        wds.pipelinefilter(_open_shards)(attempts, delay_s, stall_timeout_s),
         functools.partial(tar_file_expander, handler=counter),
         functools.partial(group_by_keys, handler=counter),
     ]
@@ -319,7 +331,8 @@ def _ignore_preemption_signals(_worker: int) -> None:
 
 def _train_pipeline(epoch: int, *, urls: list[str], transform: MultiCrop, batch_size: int,
                     worker_batches: int, seed: int, rank: int, world_size: int, workers: int, start_batch: int,
-                    shuffle_buffer: int, resampled: bool, open_attempts: int, retry_delay_s: float) -> wds.DataPipeline:
+                    shuffle_buffer: int, resampled: bool, open_attempts: int, retry_delay_s: float,
+                    stall_timeout_s: float) -> wds.DataPipeline:
     """The training DataPipeline for one epoch (see the module docstring for the stages)."""
     counter = SkipCounter()
     streams = _Streams(seed, epoch, rank, workers, start_batch)
@@ -335,7 +348,7 @@ def _train_pipeline(epoch: int, *, urls: list[str], transform: MultiCrop, batch_
         ]
     pipeline = wds.DataPipeline(
         *shards,
-        *_read_samples(counter, open_attempts, retry_delay_s),
+        *_read_samples(counter, open_attempts, retry_delay_s, stall_timeout_s),
         _Seeded(functools.partial(_shuffle_with, shuffle_buffer), streams, _SALT_SHUFFLE),
         _Seeded(_seed_samples, streams, _SALT_AUGMENT),
         _SkipDone(streams, batch_size),
@@ -360,6 +373,7 @@ def build_train_loader(
     resampled: bool = True,
     open_attempts: int = 3,
     retry_delay_s: float = 1.0,
+    stall_timeout_s: float = 30.0,
     pin_memory: bool = False,
     draft: bool = True,
     start_batch: int = 0,
@@ -380,6 +394,9 @@ def build_train_loader(
             shuffled per epoch and split by rank then worker: needs shards >= workers x ranks.
         open_attempts: attempts to open a shard URL before raising ``ShardOpenError``.
         retry_delay_s: back-off unit between attempts (attempt k waits k x this).
+        stall_timeout_s: an http(s) shard whose server gives no connection or no byte for this
+            long fails: while opening, the attempt fails (retried, then ``ShardOpenError``); later,
+            the rest of the shard is skipped and counted.
         pin_memory: passed to the DataLoader.
         draft: allow reduced-size JPEG decoding where no crop gets upscaled by it.
         start_batch: resume the epoch at this batch: the batches then equal batches
@@ -403,7 +420,7 @@ def build_train_loader(
         _train_pipeline, urls=url_list, transform=MultiCrop(crops, draft=draft), batch_size=batch_size,
         worker_batches=worker_batches, seed=seed, rank=rank, world_size=world_size, workers=workers,
         start_batch=start_batch, shuffle_buffer=shuffle_buffer, resampled=resampled, open_attempts=open_attempts,
-        retry_delay_s=retry_delay_s,
+        retry_delay_s=retry_delay_s, stall_timeout_s=stall_timeout_s,
     )
     return ShardLoader(build, epoch=epoch, num_batches=worker_batches * workers,
                        global_batch_size=batch_size * world_size, num_workers=num_workers, pin_memory=pin_memory)
@@ -428,6 +445,7 @@ def build_eval_loader(
     world_size: int = 1,
     open_attempts: int = 3,
     retry_delay_s: float = 1.0,
+    stall_timeout_s: float = 30.0,
 ) -> torch.utils.data.DataLoader:
     """Evaluation batches ``(images float [B,3,S,S] normalized, cls LongTensor[B], keys)``.
 
@@ -441,7 +459,7 @@ def build_eval_loader(
         wds.SimpleShardList(shard_urls(urls)),
         wds.pipelinefilter(_split_by_rank)(rank, world_size),
         wds.split_by_worker,
-        *_read_samples(counter, open_attempts, retry_delay_s),
+        *_read_samples(counter, open_attempts, retry_delay_s, stall_timeout_s),
         wds.map(functools.partial(_eval_sample, image_size=image_size), handler=counter),
         wds.batched(batch_size, collation_fn=_collate_eval, partial=True),
     )

@@ -1,0 +1,221 @@
+"""The grouping's memory and traffic at scale, on paper: ``python tools/scaling_table.py [--recipe R] [--budget-gib G]``.
+
+Prints Markdown tables of what the feature cache, the periodic k-means (``gather`` vs ``sharded``,
+as ``smog_scale.kmeans`` implements them) and the per-step group update cost per rank, as functions
+of the world size W, the cache rows per rank C, K groups and D dimensions, then the world sizes
+past which ``sharded`` moves less data and past which it must be used (the gathered union no longer
+fits the memory budget). Defaults come from the recipe (K, D, C, k-means iterations, global batch,
+re-grouping period); nothing is run or measured. Bytes are those received per rank, counting the
+standard ring algorithms: an all-reduce of n bytes receives 2 (W-1)/W n, an all-gather of n bytes per
+rank receives (W-1) n, a broadcast of n bytes receives n.
+
+Formulas (v = bytes per value, 4 for float32; S = the k-means seeding sample, ``kmeans.fit``'s
+``init_sample``; T = iters + 1 nearest-centroid passes, no early stop):
+
+- feature cache per rank: C (D v + 8) (features and int64 sample ids).
+- ``gather``: every rank all-gathers the union (``dist.all_gather_cat``: W padded parts, then their
+  concatenation), rank 0 clusters it alone and broadcasts the centroids. Peak per rank
+  max(2 W C D v, W C (D v + 12) + S D v); received (W-1) C D v + K (D v + 8); rank 0 searches
+  T W C K D multiply-adds.
+- ``sharded``: each rank keeps its C rows; the S-row seeding sample is all-gathered; every pass
+  all-reduces K x D sums, K int64 counts and one float64. Peak per rank C (D v + 12) + S D v;
+  received (W-1)/W S D v + 2 K D v + T 2 (W-1)/W (K D v + 8 K + 8); every rank searches T C K D.
+- group update, every step, both modes: an all-reduce of K int64 counts and of the K x D sums, whose
+  backward all-reduces a K x D gradient; labels and assignments take 4 B K D multiply-adds per rank
+  (2 global views x {momentum, online} features, B = global batch / W).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+from smog_scale import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GLOBAL_VIEWS = 2  # views a, b: labels from the momentum features, assignments from the online ones
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The sizes the costs depend on (from a recipe)."""
+
+    num_groups: int  # K
+    dim: int  # D
+    cache_rows: int  # C, per rank
+    kmeans_iters: int
+    init_sample: int  # S, rows of the union that seeding looks at
+    global_batch: int
+    regroup_every: int
+    value_bytes: int = 4  # float32
+
+
+class KMeansCost(NamedTuple):
+    peak_bytes: float  # per rank, at the worst moment of one re-grouping
+    received_bytes: float  # per rank, per re-grouping
+    busiest_macs: float  # nearest-centroid multiply-adds on the busiest rank
+
+
+class StepCost(NamedTuple):
+    payload_bytes: float  # all-reduced per step (counts + sums + their gradient)
+    received_bytes: float  # per rank per step
+    label_macs: float  # per rank per step
+
+
+def ring_allreduce(nbytes: float, world: int) -> float:
+    return 2 * (world - 1) / world * nbytes
+
+
+def cache_bytes(s: Setup) -> float:
+    return s.cache_rows * (s.dim * s.value_bytes + 8)
+
+
+def passes(s: Setup) -> int:
+    return s.kmeans_iters + 1
+
+
+def gather_kmeans(s: Setup, world: int) -> KMeansCost:
+    rows, row_bytes = world * s.cache_rows, s.dim * s.value_bytes
+    sample = max(s.init_sample, s.num_groups) * row_bytes
+    peak = max(2 * rows * row_bytes, rows * (row_bytes + 12) + sample)
+    received = (world - 1) * s.cache_rows * row_bytes + s.num_groups * (row_bytes + 8)
+    return KMeansCost(peak, received, passes(s) * rows * s.num_groups * s.dim)
+
+
+def sharded_kmeans(s: Setup, world: int) -> KMeansCost:
+    row_bytes = s.dim * s.value_bytes
+    sample = max(s.init_sample, s.num_groups) * row_bytes
+    per_pass = s.num_groups * row_bytes + 8 * s.num_groups + 8
+    received = ((world - 1) / world * sample + 2 * s.num_groups * row_bytes
+                + passes(s) * ring_allreduce(per_pass, world))
+    return KMeansCost(s.cache_rows * (row_bytes + 12) + sample, received,
+                      passes(s) * s.cache_rows * s.num_groups * s.dim)
+
+
+def group_update(s: Setup, world: int) -> StepCost:
+    payload = 8 * s.num_groups + 2 * s.num_groups * s.dim * s.value_bytes
+    batch = s.global_batch / world
+    return StepCost(payload, ring_allreduce(payload, world), 2 * GLOBAL_VIEWS * batch * s.num_groups * s.dim)
+
+
+def traffic_crossover(s: Setup, limit: int = 1 << 20) -> int | None:
+    """Smallest W at which ``gather`` receives more per rank than ``sharded``."""
+    return next((w for w in range(2, limit) if gather_kmeans(s, w).received_bytes > sharded_kmeans(s, w).received_bytes),
+                None)
+
+
+def memory_crossover(s: Setup, budget: float, limit: int = 1 << 20) -> int | None:
+    """Smallest W at which ``gather``'s peak per rank exceeds ``budget`` bytes."""
+    return next((w for w in range(1, limit) if gather_kmeans(s, w).peak_bytes > budget), None)
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}" if n / size < 1000 else f"{n / size:,.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+def human_count(n: float) -> str:
+    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f}"
+
+
+def trainable_params(cfg: config.Config) -> int | None:
+    """Parameters whose gradients DDP all-reduces every step (a reference scale), built on the meta device."""
+    import torch
+
+    from smog_scale.models.smog import SMoGModel
+
+    mc = cfg.model
+    try:
+        with torch.device("meta"):
+            model = SMoGModel(mc.backbone, mc.proj_hidden_dim, mc.proj_dim, mc.pred_hidden_dim, mc.backbone_kwargs)
+    except Exception:  # noqa: BLE001 - the reference column is optional
+        return None
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def setup_from(cfg: config.Config) -> Setup:
+    from smog_scale import kmeans
+
+    g = cfg.grouping
+    return Setup(num_groups=g.num_groups, dim=cfg.model.proj_dim, cache_rows=g.cache_size, kmeans_iters=g.kmeans_iters,
+                 init_sample=inspect.signature(kmeans.fit).parameters["init_sample"].default,
+                 global_batch=cfg.optim.global_batch_size, regroup_every=g.regroup_every)
+
+
+def tables(s: Setup, worlds: Sequence[int], budget: float, params: int | None) -> str:
+    lines = [
+        f"K = {s.num_groups}, D = {s.dim}, cache C = {s.cache_rows} rows per rank, {s.kmeans_iters} k-means "
+        f"iterations ({passes(s)} passes), seeding sample S = {s.init_sample} rows, global batch "
+        f"{s.global_batch}, re-grouping every {s.regroup_every} steps, {s.value_bytes}-byte values.",
+        "",
+        "**k-means, per re-grouping** (received = bytes each rank receives; per step = amortized over "
+        "the re-grouping period)",
+        "",
+        "| GPUs | mode | union rows | peak memory / rank | received / rank | received / rank / step "
+        "| search multiply-adds, busiest rank |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for world in worlds:
+        for mode, cost in (("gather", gather_kmeans(s, world)), ("sharded", sharded_kmeans(s, world))):
+            over = " (over budget)" if cost.peak_bytes > budget else ""
+            lines.append(f"| {world} | `{mode}` | {world * s.cache_rows:,} | {human_bytes(cost.peak_bytes)}{over} | "
+                         f"{human_bytes(cost.received_bytes)} | {human_bytes(cost.received_bytes / s.regroup_every)} | "
+                         f"{human_count(cost.busiest_macs)} |")
+    ref = "DDP gradients received / rank / step (reference)"
+    lines += [
+        "",
+        "**Grouping, every training step** (both modes)",
+        "",
+        f"| GPUs | batch / GPU | feature cache / rank | group-update all-reduce payload | received / rank "
+        f"| label + assignment multiply-adds / rank | {ref} |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for world in worlds:
+        step = group_update(s, world)
+        ddp = human_bytes(ring_allreduce(params * s.value_bytes, world)) if params else "n/a"
+        lines.append(f"| {world} | {s.global_batch / world:g} | {human_bytes(cache_bytes(s))} | "
+                     f"{human_bytes(step.payload_bytes)} | {human_bytes(step.received_bytes)} | "
+                     f"{human_count(step.label_macs)} | {ddp} |")
+    traffic, memory = traffic_crossover(s), memory_crossover(s, budget)
+    lines += [
+        "",
+        f"**Crossover.** `sharded` receives less per rank than `gather` from **W = {traffic}** GPUs on "
+        f"(gather grows as (W-1) C D v, sharded stays near {human_bytes(sharded_kmeans(s, 1 << 20).received_bytes)}); "
+        f"`gather`'s peak (2 W C D v, the union on every rank) exceeds the {human_bytes(budget)} budget from "
+        f"**W = {memory}** GPUs on: there `sharded` must be used.",
+    ]
+    if params:
+        lines.append(f"(Reference: the model's {params / 1e6:.1f} M trainable parameters make DDP all-reduce "
+                     f"{human_bytes(params * s.value_bytes)} of gradients every step.)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "r50_800ep.yaml"),
+                        help="recipe whose grouping sizes are used (default: r50_800ep, global batch 4096)")
+    parser.add_argument("--worlds", type=int, nargs="+", default=[8, 64, 512], help="world sizes (GPUs)")
+    parser.add_argument("--budget-gib", type=float, default=4.0,
+                        help="GPU memory k-means may take beside training (default 4 GiB: an 80 GB GPU keeps "
+                             "the model, optimizer state and the allocator's cached activations resident)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the DDP gradient reference column")
+    args = parser.parse_args(argv)
+    cfg = config.load(args.recipe, [])
+    params = None if args.no_reference else trainable_params(cfg)
+    print(tables(setup_from(cfg), args.worlds, args.budget_gib * 2**30, params))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
