@@ -1,7 +1,8 @@
 """SMoG pretraining: ``accelerate launch smog_scale/train.py recipes/<name>.yaml [dotted.key=value ...]``.
 
 The same command runs on a laptop CPU, one GPU, 8 GPUs or several nodes; the launcher decides.
-Exit codes: 0 done or pre-empted (checkpoint written), 1 stopped on non-finite steps, 2 bad recipe.
+Exit codes: 0 done or pre-empted (checkpoint written), 1 stopped on non-finite steps or an error
+(unreadable shards, a failed save), 2 bad recipe or launch (before any work).
 """
 
 from __future__ import annotations
