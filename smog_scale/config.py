@@ -95,12 +95,22 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    knn_every_epochs: int = 0  # weighted kNN (k=20, T=0.07) of the online backbone every N epochs; 0: off
+    knn_train_shards: str = ""  # labelled shards whose features vote (a held-out subset keeps it cheap)
+    knn_val_shards: str = ""  # labelled shards that are classified
+    image_size: int = 224  # center crop of the monitor's images
+    batch_size: int = 256  # images per rank per extraction batch
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     grouping: GroupingConfig = field(default_factory=GroupingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -202,6 +212,8 @@ def validate(config: Config) -> None:
         (config.grouping.num_groups >= 2, "grouping.num_groups must be at least 2"),
         (config.run.max_steps is None or config.run.max_steps > 0, "run.max_steps must be positive"),
         (config.run.keep_last >= 1, "run.keep_last must be at least 1"),
+        (config.monitor.knn_every_epochs == 0 or bool(config.monitor.knn_train_shards and config.monitor.knn_val_shards),
+         "monitor.knn_every_epochs needs monitor.knn_train_shards and monitor.knn_val_shards"),
     ]
     for ok, message in checks:
         if not ok:

@@ -88,6 +88,11 @@ class RunLog:
                              wait=f"{record['data_wait_share']:.0%}", groups=int(record["groups_used"]))
         self.window_start, self.window_step, self.waited = now, step, 0.0
 
+    def event(self, step: int, name: str, values: dict[str, float]) -> None:
+        """A record of named scalars at ``step`` (e.g. the kNN monitor), also shown on the bar."""
+        self._write({"step": step, "event": name, **values}, step)
+        self.message(f"step {step} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+
     def regroup(self, state: "TrainState", result: Any) -> None:
         sizes = result.sizes.float()
         record = {"step": state.global_step, "event": "regroup", "regroup/empty_reseeded": int(result.num_reseeded),

@@ -20,9 +20,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from smog_scale import checkpoint, config, dist
+from smog_scale import checkpoint, config, dist, evaluate
 from smog_scale.config import ConfigError
-from smog_scale.data.shards import build_train_loader, check_shards, count_samples
+from smog_scale.data.shards import build_eval_loader, build_train_loader, check_shards, count_samples
 from smog_scale.engine import TrainState, train_step
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
@@ -98,6 +98,16 @@ def regroup(state: TrainState, log: RunLog) -> None:
     log.regroup(state, result)
 
 
+def knn_monitor(state: TrainState, log: RunLog) -> None:
+    """kNN top-1/top-5 of the online backbone on held-out labelled shards (a collective)."""
+    mon = state.cfg.monitor
+    loaders = [build_eval_loader(urls, image_size=mon.image_size, batch_size=mon.batch_size,
+                                 num_workers=state.cfg.data.num_workers, rank=dist.rank(), world_size=dist.world_size())
+               for urls in (mon.knn_train_shards, mon.knn_val_shards)]
+    backbone = state.accelerator.unwrap_model(state.model).online.backbone
+    log.event(state.global_step, "knn", evaluate.knn_monitor(state.accelerator, backbone, *loaders))
+
+
 def save(state: TrainState) -> Path:
     return checkpoint.save(state.accelerator, state.cfg.run.output_dir, state.global_step, state.bank,
                            state.cache, state.counters(), state.cfg.run.keep_last)
@@ -124,6 +134,9 @@ def train(state: TrainState, log: RunLog) -> int:
                     log.step(state, metrics)
                 if step % cfg.grouping.regroup_every == 0:
                     regroup(state, log)
+                every = cfg.monitor.knn_every_epochs * derived.steps_per_epoch
+                if every and (step % every == 0 or step == last_step):
+                    knn_monitor(state, log)
                 if state.stop_requested:
                     log.message(f"stop requested (SIGTERM/SIGUSR1): saved {save(state)}, exiting")
                     return 0

@@ -26,7 +26,7 @@ TINY = [
     "data.crops=[{size: 32, count: 2, scale: [0.3, 1.0]}, {size: 16, count: 2, scale: [0.1, 0.3], blur_p: 0.5}]",
     "data.num_workers=1", "data.shuffle_buffer=20", "optim.global_batch_size=16", "optim.epochs=4",
     "grouping.num_groups=8", "grouping.cache_size=64", "grouping.regroup_every=3", "run.log_every=1",
-    "run.trackers=[]", "run.save_every=1000",
+    "run.trackers=[]", "run.save_every=1000", "monitor.knn_every_epochs=0",
 ]
 
 
@@ -68,7 +68,12 @@ def final_state(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("processes", [1, 2])
 def test_training_runs_and_checkpoints(tmp_path, shards, processes):
     run = tmp_path / "run"
-    launch(run, shards, "run.max_steps=12", processes=processes)
+    monitor = [f"monitor.knn_train_shards={shards}", f"monitor.knn_val_shards={shards}", "monitor.image_size=32",
+               "monitor.knn_every_epochs=2", "monitor.batch_size=16"] if processes == 1 else []
+    launch(run, shards, "run.max_steps=12", *monitor, processes=processes)
+    if monitor:  # 5 steps per epoch: kNN after step 10 and at the last step
+        knn = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "knn"]
+        assert [r["step"] for r in knn] == [10, 12] and all(0 <= r["knn_top1"] <= 100 for r in knn)
     losses = [r["loss"] for r in records(run)]
     assert len(losses) == 12 and all(map(lambda x: x == x and abs(x) < 1e3, losses))
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses

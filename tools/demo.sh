@@ -19,7 +19,8 @@ smog-make-shards "$OUT/images/val" "$OUT/shards/val" --prefix val --samples-per-
 echo "== 3/5 SMoG pretraining (recipes/demo_cpu.yaml) -> $OUT/run"
 ACCELERATE_USE_CPU=1 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
   --dynamo_backend no "$ROOT/smog_scale/train.py" "$ROOT/recipes/demo_cpu.yaml" \
-  "run.output_dir=$OUT/run" "data.train_shards=$OUT/shards/train"
+  "run.output_dir=$OUT/run" "data.train_shards=$OUT/shards/train" \
+  "monitor.knn_train_shards=$OUT/shards/train" "monitor.knn_val_shards=$OUT/shards/val"
 
 echo "== 4/5 export the backbone to timm -> $OUT/export"
 python "$ROOT/tools/export_timm.py" "$OUT/run" "$OUT/export" --check-size 64
