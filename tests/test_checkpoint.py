@@ -9,20 +9,21 @@ from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
 
 
-def _parts(seed):
+def make_parts(seed, dim_in=4, dim=3, cache_rows=8, pushed=6):
+    """A stepped model + optimizer, groups and a partly filled cache: what a checkpoint holds."""
     torch.manual_seed(seed)
-    model = torch.nn.Linear(4, 3)
+    model = torch.nn.Linear(dim_in, dim)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(2, 4)).sum().backward()
+    model(torch.randn(2, dim_in)).sum().backward()
     optimizer.step()
-    bank, cache = GroupBank(5, 3), FeatureCache(8, 3)
-    cache.push(torch.randn(6, 3), torch.arange(6))
+    bank, cache = GroupBank(5, dim), FeatureCache(cache_rows, dim)
+    cache.push(torch.randn(pushed, dim), torch.arange(pushed))
     return model, optimizer, bank, cache
 
 
 def test_save_keeps_last_and_load_restores_everything(tmp_path):
     accelerator = Accelerator(cpu=True)
-    model, optimizer, bank, cache = accelerator.prepare(*_parts(0)[:2]) + _parts(0)[2:]
+    model, optimizer, bank, cache = accelerator.prepare(*make_parts(0)[:2]) + make_parts(0)[2:]
     for step in (1, 2, 3):
         checkpoint.save(accelerator, tmp_path, step, bank, cache, {"global_step": step}, keep_last=2)
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
@@ -31,7 +32,7 @@ def test_save_keeps_last_and_load_restores_everything(tmp_path):
     assert newest.name == "step_00000003"
     assert json.loads((newest / "trainer_state.json").read_text()) == {"global_step": 3, "world_size": 1}
 
-    model2, optimizer2, bank2, cache2 = _parts(1)
+    model2, optimizer2, bank2, cache2 = make_parts(1)
     accelerator = Accelerator(cpu=True)  # a fresh process's accelerator
     model2, optimizer2 = accelerator.prepare(model2, optimizer2)
     state = checkpoint.load(accelerator, newest, bank2, cache2)
@@ -54,7 +55,7 @@ def test_resolve_errors_and_never(tmp_path):
 
 def test_load_rejects_another_architecture(tmp_path):
     accelerator = Accelerator(cpu=True)
-    model, optimizer, bank, cache = _parts(0)
+    model, optimizer, bank, cache = make_parts(0)
     model, optimizer = accelerator.prepare(model, optimizer)
     path = checkpoint.save(accelerator, tmp_path, 1, bank, cache, {"global_step": 1}, keep_last=1)
     accelerator = Accelerator(cpu=True)

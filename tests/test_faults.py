@@ -23,8 +23,7 @@ from accelerate import Accelerator
 from smog_scale import checkpoint
 from smog_scale.data.multicrop import CropSpec
 from smog_scale.data.shards import ShardOpenError, build_train_loader
-from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank
+from test_checkpoint import make_parts
 from test_scale import ShardServer
 from test_train import launch, records, shards  # noqa: F401  (shards: module fixture)
 
@@ -151,14 +150,7 @@ def test_rank_killed_mid_step_ends_the_job_then_resume_works(tmp_path, shards):
 
 
 def _parts(seed: int):
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(8, 4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(2, 8)).sum().backward()
-    optimizer.step()
-    bank, cache = GroupBank(5, 4), FeatureCache(16, 4)
-    cache.push(torch.randn(10, 4), torch.arange(10))
-    return model, optimizer, bank, cache
+    return make_parts(seed, dim_in=8, dim=4, cache_rows=16, pushed=10)
 
 
 def _digest(folder: Path) -> dict[str, str]:

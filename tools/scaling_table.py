@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
