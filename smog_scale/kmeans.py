@@ -1,4 +1,4 @@
-"""Spherical k-means over the union of all ranks' feature caches (ALGORITHM.md "Periodic re-grouping", step 1).
+"""Spherical k-means over the union of all ranks' feature caches (ALGORITHM.md "Periodic re-grouping" 1).
 
 Two modes, both ending with bit-identical centroids on every rank:
 
@@ -9,13 +9,15 @@ Two modes, both ending with bit-identical centroids on every rank:
 
 Both run the same Lloyd loop (``gather`` runs it on rank 0 alone). faiss does the nearest-centroid search;
 the loop is written here because ``faiss.Kmeans`` cannot all-reduce between iterations and can leave a
-cluster empty (it splits big clusters, which duplicate rows defeat). Empty clusters are re-seeded from the
-rows farthest from their centroid until none is left.
+cluster empty (it splits big clusters, which duplicate rows defeat). Here an empty cluster takes the member
+farthest from its centroid in one of the clusters with the largest summed distance, until none is empty.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -84,13 +86,15 @@ def fit(
         mode: ``"gather"`` or ``"sharded"`` (see the module docstring).
         iters: most Lloyd updates (a few more only while clusters are empty).
         tol: stop early once an update lowers the mean cosine distance by at most this fraction.
-        init: ``"greedy_kmeans++"`` (default; on clustered data it ends within 1% of scikit-learn's full
-            k-means++, where ``"random"``, faiss's own init, ends about 15% worse) or ``"random"`` rows.
+        init: ``"greedy_kmeans++"`` (:func:`_greedy_kmeanspp` on a sample) or ``"random"`` rows (faiss's
+            own init). On clustered data (benchmarks/bench_kmeans.py) greedy seeding ends within 0.3% of
+            scikit-learn's k-means++ on all rows, random seeding 17% above it.
         init_sample: rows of the union (drawn from every rank in proportion) that seeding looks at.
-            Seeding time grows with it; below ~16k clustered data loses coverage of small clusters.
-        init_trials: candidates tried per greedy k-means++ step; 24 keeps clustered data within 1% of
-            scikit-learn, 8 ends ~4% worse.
-        seed: seeds the sample and the seeding; the same seed and inputs give the same centroids.
+            Seeding time grows with it; on the clustered benchmark 12,288 ends 1.5% and 8,192 5% above
+            scikit-learn, as small clusters go unsampled.
+        init_trials: candidates tried per greedy seeding step; seeding time grows with it. On the
+            clustered benchmark 16 ends 1.3% and 8 about 4% above scikit-learn.
+        seed: seeds the sample and the seeding; on CPU the same seed and inputs give the same centroids.
 
     Raises:
         ValueError: ``feats`` is not 2-D, holds non-finite values, ``k`` exceeds the rows of the union,
@@ -146,7 +150,8 @@ def _cluster(x: torch.Tensor, k: int, total_rows: int, options: _Options, *, syn
     if not sync or dist.rank() == 0:
         generator = torch.Generator(device=x.device).manual_seed(options.seed)
         if options.init == "greedy_kmeans++":
-            centroids = _greedy_kmeanspp(sample, k, options.init_trials, generator)
+            with _one_cpu_thread(sample.device):
+                centroids = _greedy_kmeanspp(sample, k, options.init_trials, generator)
         else:
             centroids = sample[torch.randperm(len(sample), generator=generator, device=x.device)[:k]]
     if sync:
@@ -187,6 +192,25 @@ def _greedy_kmeanspp(sample: torch.Tensor, k: int, trials: int, generator: torch
     return seeds
 
 
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run torch single-threaded inside the block when ``device`` is the CPU, then restore the thread count.
+
+    Greedy seeding is thousands of steps of a few small ops each, where OpenMP's per-op fork and join
+    costs more than a second thread saves: seeding 3,000 of 16,384 rows took 4.6 s on one thread and 6 s on
+    two with ``OMP_WAIT_POLICY=PASSIVE``, and 8 s vs 80 s with the default policy on a loaded 2-core machine.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _lloyd(
     x: torch.Tensor, centroids: torch.Tensor, total_rows: int, *, iters: int, tol: float, sync: bool
 ) -> KMeansResult:
@@ -221,17 +245,18 @@ def _lloyd(
 def _reseed_rows(
     x: torch.Tensor, sims: torch.Tensor, labels: torch.Tensor, cost: torch.Tensor, count: int, sync: bool
 ) -> torch.Tensor:
-    """``count`` x D seeds for empty clusters, identical on every rank: the member farthest from its centroid
-    in each of the ``count`` clusters with the largest summed distance ``cost`` (K).
+    """``count`` x D seeds for empty clusters, identical on every rank.
 
-    Members of different clusters are different points, so duplicate rows never hand two empty clusters
-    the same seed. Each rank offers its farthest member of those clusters; the farthest offer wins.
+    Each seed is the member farthest from its centroid in one of the ``count`` clusters with the largest
+    summed distance ``cost`` (K). Members of different clusters are different points, so duplicate rows
+    never hand two empty clusters the same seed. Each rank offers its farthest member of those clusters;
+    the farthest offer wins.
     """
     worst = torch.argsort(cost, descending=True, stable=True)[:count]
     farthest_sim = sims.new_full(cost.shape, math.inf).scatter_reduce_(0, labels, sims, "amin")  # K
     rows = torch.arange(len(x), device=x.device)
     candidates = torch.where(sims == farthest_sim[labels], rows, len(x))  # N_r; len(x) means "not farthest"
-    farthest_row = torch.full_like(cost, len(x), dtype=torch.long).scatter_reduce_(0, labels, candidates, "amin")
+    farthest_row = labels.new_full(cost.shape, len(x)).scatter_reduce_(0, labels, candidates, "amin")  # K
     offered = farthest_row[worst]  # count; len(x) where this rank holds no member
     offer_rows = x.new_zeros(count, x.shape[1])
     offer_rows[offered < len(x)] = x[offered[offered < len(x)]]
@@ -250,7 +275,7 @@ def _sum_over_ranks(tensor: torch.Tensor, sync: bool) -> torch.Tensor:
 
 
 class _NearestCentroid:
-    """Nearest centroid by inner product with a faiss flat index; a GPU index when CUDA and faiss-gpu exist."""
+    """Nearest centroid by inner product with a faiss flat index (on the GPU with CUDA and faiss-gpu)."""
 
     def __init__(self, x: torch.Tensor) -> None:
         use_gpu = torch.cuda.is_available() and hasattr(faiss, "GpuIndexFlatIP")

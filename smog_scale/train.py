@@ -91,8 +91,12 @@ def regroup(state: TrainState, log: RunLog) -> None:
         log.message(f"step {state.global_step}: re-grouping skipped, {available} cached features < K")
         return
     g = state.cfg.grouping
-    result = kmeans_fit(feats, g.num_groups, mode=g.kmeans_mode, iters=g.kmeans_iters,
-                        seed=state.cfg.run.seed + state.global_step)
+    try:
+        result = kmeans_fit(feats, g.num_groups, mode=g.kmeans_mode, iters=g.kmeans_iters,
+                            seed=state.cfg.run.seed + state.global_step)
+    except ValueError as err:  # raised alike on every rank, e.g. fewer distinct cached rows than K
+        log.message(f"step {state.global_step}: re-grouping skipped, groups kept: {err}")
+        return
     state.bank.set(result.centroids.to(state.bank.groups.device))
     state.accelerator.unwrap_model(state.model).reset_momentum()
     log.regroup(state, result)
