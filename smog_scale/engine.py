@@ -90,8 +90,6 @@ def train_step(state: TrainState, batch: dict) -> dict[str, torch.Tensor]:
         step, total, derived.scaled_lr, derived.warmup_steps, cfg.optim.final_lr))
     beta = schedules.group_beta(step, total, cfg.grouping.beta_start, cfg.grouping.beta_end)
     crops = [normalize(c.to(acc.device, non_blocking=True)) for c in batch["crops"]]
-    if cfg.model.channels_last:
-        crops = [c.contiguous(memory_format=torch.channels_last) if c.ndim == 4 else c for c in crops]
     with acc.accumulate(state.model):
         with acc.autocast():
             out = state.model(crops)
