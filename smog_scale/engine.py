@@ -82,7 +82,7 @@ def train_step(state: TrainState, batch: dict) -> dict[str, torch.Tensor]:
     """One micro-batch: forwards, grouping, loss, backward, optimizer step, EMA, G and cache commits.
 
     Returns device tensors for logging (read only on log steps). The one host sync per step is the
-    all-reduced (non-finite, stop requested) flag pair: every rank must agree on skipping a step.
+    all-reduce of (non-finite, stop requested, loader skips): every rank must agree on skipping a step.
     """
     cfg, derived, acc = state.cfg, state.derived, state.accelerator
     step, total = state.global_step, derived.total_steps
