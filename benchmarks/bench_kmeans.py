@@ -21,6 +21,7 @@ The subprocesses inherit the environment, and the header prints two variables th
   and falls back to its generic "Prescott" kernels (threadpoolctl shows it); faiss's flat search then
   runs 3-5x slower. ``OPENBLAS_CORETYPE=SKYLAKEX`` (AVX-512 CPUs only) fixes that; numpy's and
   scipy's newer OpenBLAS, which scikit-learn uses, pick SkylakeX on their own, so it leaves them alone.
+  Only the faiss row depends on it: on the CPU ``smog_scale.kmeans`` searches with torch's matmul.
 - ``OMP_WAIT_POLICY``: on a loaded 2-core machine it changes every method's time several-fold, in
   either direction; leave it unset (the default) for comparisons.
 """

@@ -4,11 +4,12 @@ Two modes, both ending with bit-identical centroids on every rank:
 
 - ``gather``: all-gather the caches, cluster the union on rank 0, broadcast the result.
 - ``sharded``: no rank holds the union. Rank 0 seeds the centroids from a small sample gathered from
-  every rank and broadcasts them; each iteration every rank assigns its own rows with a faiss index and
-  the per-centroid sums and counts are all-reduced (DeepCluster-v2's M-step).
+  every rank and broadcasts them; each iteration every rank assigns its own rows to the nearest centroid
+  and the per-centroid sums and counts are all-reduced (DeepCluster-v2's M-step).
 
-Both run the same Lloyd loop (``gather`` runs it on rank 0 alone). faiss does the nearest-centroid search;
-the loop is written here because ``faiss.Kmeans`` cannot all-reduce between iterations and can leave a
+Both run the same Lloyd loop (``gather`` runs it on rank 0 alone). The nearest-centroid search is a faiss
+GPU index with faiss-gpu, torch's blocked matmul elsewhere (:class:`_NearestCentroid` says why); the loop
+is written here because ``faiss.Kmeans`` cannot all-reduce between iterations and can leave a
 cluster empty (it splits big clusters, which duplicate rows defeat). Here an empty cluster takes the member
 farthest from its centroid in one of the clusters with the largest summed distance, until none is empty.
 """
@@ -27,12 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from smog_scale import dist
+from smog_scale.grouping import nearest
 
 Mode = Literal["gather", "sharded"]
 Init = Literal["greedy_kmeans++", "random"]
 
 # Lloyd iterations allowed past ``iters`` to re-seed clusters that are still empty.
 _MAX_REPAIR_ITERS = 10
+# Largest Gram matrix of the seeding sample that CPU seeding precomputes (the default 16,384 rows: 1 GiB).
+_GRAM_BYTES = 2**30
 
 
 class KMeansResult(NamedTuple):
@@ -90,7 +94,8 @@ def fit(
             own init). On clustered data (benchmarks/bench_kmeans.py) greedy seeding ends within 0.3% of
             scikit-learn's k-means++ on all rows, random seeding 17% above it.
         init_sample: rows of the union (drawn from every rank in proportion) that seeding looks at.
-            Seeding time grows with it; on the clustered benchmark 12,288 ends 1.5% and 8,192 5% above
+            Seeding time grows with it; on the CPU seeding holds the sample's Gram matrix up to 1 GiB
+            (the default 16,384 rows). On the clustered benchmark 12,288 ends 1.5% and 8,192 5% above
             scikit-learn, as small clusters go unsampled.
         init_trials: candidates tried per greedy seeding step; seeding time grows with it. On the
             clustered benchmark 16 ends 1.3% and 8 about 4% above scikit-learn.
@@ -150,8 +155,7 @@ def _cluster(x: torch.Tensor, k: int, total_rows: int, options: _Options, *, syn
     if not sync or dist.rank() == 0:
         generator = torch.Generator(device=x.device).manual_seed(options.seed)
         if options.init == "greedy_kmeans++":
-            with _one_cpu_thread(sample.device):
-                centroids = _greedy_kmeanspp(sample, k, options.init_trials, generator)
+            centroids = _greedy_kmeanspp(sample, k, options.init_trials, generator)
         else:
             centroids = sample[torch.randperm(len(sample), generator=generator, device=x.device)[:k]]
     if sync:
@@ -176,20 +180,34 @@ def _greedy_kmeanspp(sample: torch.Tensor, k: int, trials: int, generator: torch
     Written here because faiss only seeds at random. Each step draws ``trials`` candidates with probability
     proportional to their cosine distance to the nearest seed so far (for unit rows, half the squared
     distance of k-means++) and keeps the one that lowers the sample's summed distance most.
+
+    On the CPU the candidates' similarities to the sample come from the sample's Gram matrix when it fits
+    in ``_GRAM_BYTES``: one big matmul on every thread instead of k small ones on one thread (each row is
+    a candidate about ``k * trials / M`` times). Seeding 3,000 of 16,384 rows: 2.0 s instead of 4.3 s.
+    A GPU multiplies each step's candidates in microseconds, so it does not spend the memory.
     """
-    seeds = sample.new_empty(k, sample.shape[1])
-    seeds[0] = sample[torch.randint(len(sample), (), generator=generator, device=sample.device)]
+    rows = len(sample)
+    gram_bytes = rows * rows * sample.element_size()
+    gram = sample @ sample.T if sample.device.type == "cpu" and gram_bytes <= _GRAM_BYTES else None
+    chosen = torch.empty(k, dtype=torch.long, device=sample.device)
+    chosen[0] = torch.randint(rows, (), generator=generator, device=sample.device)
     # Floor 1e-12 keeps multinomial valid: rounding can make a seed's own distance negative, and a sample
     # of duplicates leaves every distance at 0.
-    nearest = (1 - sample @ seeds[0]).clamp_min_(1e-12)  # M: distance to the nearest seed so far
-    for j in range(1, k):
-        candidates = sample[torch.multinomial(nearest, trials, replacement=True, generator=generator)]
-        # How much each candidate would lower each row's distance: relu(nearest - (1 - cos)).
-        decrease = torch.addmm(nearest - 1, candidates, sample.T).clamp_min_(0)  # trials x M
-        best = decrease.sum(dim=1).argmax()
-        seeds[j] = candidates[best]
-        nearest = (nearest - decrease[best]).clamp_min_(1e-12)
-    return seeds
+    nearest = (1 - sample @ sample[chosen[0]]).clamp_min_(1e-12)  # M: distance to the nearest seed so far
+    sims = sample.new_empty(trials, rows)
+    with _one_cpu_thread(sample.device):
+        for j in range(1, k):
+            candidates = torch.multinomial(nearest, trials, replacement=True, generator=generator)
+            if gram is None:
+                torch.mm(sample[candidates], sample.T, out=sims)
+            else:
+                torch.index_select(gram, 0, candidates, out=sims)
+            # How much each candidate would lower each row's distance: relu(nearest - (1 - cos)).
+            decrease = sims.add_(nearest - 1).clamp_min_(0)  # trials x M
+            best = decrease.sum(dim=1).argmax()
+            chosen[j] = candidates[best]
+            nearest = (nearest - decrease[best]).clamp_min_(1e-12)
+    return sample[chosen]
 
 
 @contextmanager
@@ -197,8 +215,8 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Run torch single-threaded inside the block when ``device`` is the CPU, then restore the thread count.
 
     Greedy seeding is thousands of steps of a few small ops each, where OpenMP's per-op fork and join
-    costs more than a second thread saves: seeding 3,000 of 16,384 rows took 4.6 s on one thread and 6 s on
-    two with ``OMP_WAIT_POLICY=PASSIVE``, and 8 s vs 80 s with the default policy on a loaded 2-core machine.
+    turns a second thread into a gamble: seeding 3,000 of 16,384 rows took 2.0 s on one thread and 1.3-1.5 s
+    on two on an idle 2-core machine, but 2.0-2.5 s against 5-26 s while two such jobs shared it.
     """
     if device.type != "cpu":
         yield
@@ -216,9 +234,9 @@ def _lloyd(
 ) -> KMeansResult:
     """Lloyd's loop from ``centroids`` (K x D) over ``x`` (N_r x D unit rows) with empty-cluster re-seeding.
 
-    Each pass assigns every row to its nearest centroid (faiss), reduces the per-centroid sums and counts
-    over ranks when ``sync``, and moves every centroid to its members' normalized mean; empty clusters are
-    re-seeded (:func:`_reseed_rows`). It returns once ``iters`` updates are done or ``tol`` is met and no
+    Each pass assigns every row to its nearest centroid (:class:`_NearestCentroid`), reduces the
+    per-centroid sums and counts over ranks when ``sync``, and moves every centroid to its members'
+    normalized mean; empty clusters are re-seeded (:func:`_reseed_rows`). It returns once ``iters`` updates are done or ``tol`` is met and no
     cluster is empty, or when the repair budget is spent (``fit`` then raises).
     """
     search = _NearestCentroid(x)
@@ -275,26 +293,27 @@ def _sum_over_ranks(tensor: torch.Tensor, sync: bool) -> torch.Tensor:
 
 
 class _NearestCentroid:
-    """Nearest centroid by inner product with a faiss flat index (on the GPU with CUDA and faiss-gpu)."""
+    """Nearest centroid by inner product: a faiss flat index on the GPU with CUDA and faiss-gpu, else torch.
+
+    Elsewhere :func:`smog_scale.grouping.nearest` (blocked matmul, the grouping step's own search) runs on
+    the rows' device. It replaces faiss's CPU index because faiss-cpu bundles an OpenBLAS that falls back
+    to generic kernels on current Xeons: 65,536 rows x 3,000 centroids took 0.45 s against faiss's 1.0 s
+    (0.27 s for both with ``OPENBLAS_CORETYPE=SKYLAKEX``), with the same labels but for near-ties.
+    """
 
     def __init__(self, x: torch.Tensor) -> None:
         use_gpu = torch.cuda.is_available() and hasattr(faiss, "GpuIndexFlatIP")
         self.device = x.device
         self.gpu = faiss.StandardGpuResources() if use_gpu else None
-        if not use_gpu:
-            self.rows = x.cpu()
-        else:
-            self.rows = x if x.is_cuda else x.to(torch.device("cuda", torch.cuda.current_device()))
+        self.rows = x.to(torch.device("cuda", torch.cuda.current_device())) if use_gpu and not x.is_cuda else x
 
     def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Similarity to and index of each row's nearest centroid (K x D) -> (N_r float32, N_r int64)."""
-        dim = centroids.shape[1]
-        if self.gpu is not None:
-            config = faiss.GpuIndexFlatConfig()
-            config.device = self.rows.device.index
-            index = faiss.GpuIndexFlatIP(self.gpu, dim, config)
-        else:
-            index = faiss.IndexFlatIP(dim)
+        """Similarity to, and index of, each row's nearest centroid (K x D unit rows) -> (N_r, N_r int64)."""
+        if self.gpu is None:
+            return nearest(centroids, self.rows)
+        config = faiss.GpuIndexFlatConfig()
+        config.device = self.rows.device.index
+        index = faiss.GpuIndexFlatIP(self.gpu, centroids.shape[1], config)
         index.add(centroids.to(self.rows.device).contiguous())
         sims, labels = index.search(self.rows, 1)
         return sims[:, 0].to(self.device), labels[:, 0].to(self.device)

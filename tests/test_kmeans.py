@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from gloo import run_on_ranks
 
+from smog_scale import kmeans as kmeans_module
 from smog_scale.kmeans import fit, kmeans
 
 DIM, K = 32, 30
@@ -79,6 +80,24 @@ def test_quality_matches_faiss_and_greedy_init_beats_random() -> None:
     greedy = fit(x, K).mean_distance
     assert greedy <= 1.02 * faiss_mean_distance(x, K)
     assert greedy < fit(x, K, init="random").mean_distance
+
+
+@pytest.mark.parametrize("k", [7, 300, 3000])
+def test_nearest_centroid_search_matches_a_plain_matmul(k: int) -> None:
+    generator = torch.Generator().manual_seed(k)
+    x = F.normalize(torch.randn(5000, 64, generator=generator), dim=1)
+    centroids = F.normalize(torch.randn(k, 64, generator=generator), dim=1)
+    sims, labels = kmeans_module._NearestCentroid(x)(centroids)
+    reference_sims, reference_labels = (x @ centroids.T).max(dim=1)
+    assert torch.equal(labels, reference_labels)
+    torch.testing.assert_close(sims, reference_sims, rtol=1e-5, atol=1e-6)
+
+
+def test_seeding_without_room_for_the_gram_matrix_picks_the_same_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = blobs(3000)
+    with_gram = fit(x, K, iters=0)
+    monkeypatch.setattr(kmeans_module, "_GRAM_BYTES", 0)  # every step multiplies its candidates instead
+    assert torch.equal(fit(x, K, iters=0).centroids, with_gram.centroids)
 
 
 def test_duplicate_rows_leave_no_empty_cluster() -> None:
