@@ -43,6 +43,9 @@ class DataConfig:
     num_samples: int | None = None  # samples per epoch; read from manifest.json beside the shards if unset
     num_workers: int = 8  # loader processes per rank; 8-12 per GPU at 224 px with multi-crop
     shuffle_buffer: int = 5000  # samples; larger mixes better, costs memory (~100 kB per sample)
+    open_attempts: int = 3  # tries to open a shard URL before the run stops naming it
+    retry_delay_s: float = 1.0  # back-off unit between those tries (try k waits k x this)
+    stall_timeout_s: float = 30.0  # an http(s) shard silent this long is retried (opening) or skipped (midway)
     # Crop records (multicrop.CropSpec fields); global crops first. BYOL asymmetric recipe by default.
     crops: list[dict[str, Any]] = field(
         default_factory=lambda: [
@@ -212,6 +215,9 @@ def validate(config: Config) -> None:
         (config.grouping.num_groups >= 2, "grouping.num_groups must be at least 2"),
         (config.run.max_steps is None or config.run.max_steps > 0, "run.max_steps must be positive"),
         (config.run.keep_last >= 1, "run.keep_last must be at least 1"),
+        (config.data.open_attempts >= 1, "data.open_attempts must be at least 1"),
+        (config.data.retry_delay_s >= 0, "data.retry_delay_s must not be negative"),
+        (config.data.stall_timeout_s > 0, "data.stall_timeout_s must be positive"),
         (config.monitor.knn_every_epochs == 0 or bool(config.monitor.knn_train_shards and config.monitor.knn_val_shards),
          "monitor.knn_every_epochs needs monitor.knn_train_shards and monitor.knn_val_shards"),
     ]

@@ -102,11 +102,17 @@ def regroup(state: TrainState, log: RunLog) -> None:
     log.regroup(state, result)
 
 
+def shard_reading(cfg: config.Config) -> dict[str, float]:
+    """The recipe's ``data.*`` settings for opening shards, as loader keyword arguments."""
+    return {key: getattr(cfg.data, key) for key in ("open_attempts", "retry_delay_s", "stall_timeout_s")}
+
+
 def knn_monitor(state: TrainState, log: RunLog) -> None:
     """kNN top-1/top-5 of the online backbone on held-out labelled shards (a collective)."""
     mon = state.cfg.monitor
     loaders = [build_eval_loader(urls, image_size=mon.image_size, batch_size=mon.batch_size,
-                                 num_workers=state.cfg.data.num_workers, rank=dist.rank(), world_size=dist.world_size())
+                                 num_workers=state.cfg.data.num_workers, rank=dist.rank(), world_size=dist.world_size(),
+                                 **shard_reading(state.cfg))
                for urls in (mon.knn_train_shards, mon.knn_val_shards)]
     backbone = state.accelerator.unwrap_model(state.model).online.backbone
     log.event(state.global_step, "knn", evaluate.knn_monitor(state.accelerator, backbone, *loaders))
@@ -126,7 +132,8 @@ def train(state: TrainState, log: RunLog) -> int:
             cfg.data.train_shards, crops=config.crop_specs(cfg), batch_size=derived.batch_size_per_device,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=epoch, rank=dist.rank(),
             world_size=dist.world_size(), num_samples=derived.num_samples,
-            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=done * cfg.optim.grad_accum_steps)
+            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=done * cfg.optim.grad_accum_steps,
+            **shard_reading(cfg))
         remaining = (derived.steps_per_epoch - done) * cfg.optim.grad_accum_steps
         waited = time.perf_counter()
         for batch in itertools.islice(loader, remaining):

@@ -28,6 +28,8 @@ def test_load_with_overrides_and_dump(recipe, tmp_path):
     ("optim.epochs=true", "optim.epochs: expected int"),
     ("grouping.kmeans_mode=foo", "grouping.kmeans_mode: 'foo' is not one of"),
     ("grouping.tau=-1", "grouping.tau must be positive"),
+    ("data.open_attempts=0", "data.open_attempts must be at least 1"),
+    ("data.stall_timeout_s=0", "data.stall_timeout_s must be positive"),
     ("data.crops=[{size: 96, count: 1, scal: [0.1, 0.2]}, {size: 96}]", "unknown key 'data.crops[0].scal'; did you mean scale?"),
     ("data.crops=[{size: 96, count: 1}]", "the first crop size must have at least 2 views"),
     ("optim", "not of the form dotted.key=value"),

@@ -102,14 +102,17 @@ def test_http_transfer_stalled_midway_skips_the_shard_and_goes_on(shards):
 def test_unreachable_shards_end_the_trainer_with_the_url_not_a_hang(tmp_path, shards):
     with ShardServer(shards) as server:
         pattern = f"{server.url}/missing-{{000000..000001}}.tar"
-        proc = launch(tmp_path / "run", shards, f"data.train_shards={pattern}", "data.num_samples=80", wait=False)
+        reading = ("data.open_attempts=2", "data.retry_delay_s=0.2")  # the recipe's retry settings reach the loader
+        proc = launch(tmp_path / "run", shards, f"data.train_shards={pattern}", "data.num_samples=80", *reading,
+                      wait=False)
         try:
-            out, _ = proc.communicate(timeout=120)  # 3 attempts per shard, 1 s and 2 s apart
+            out, _ = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert "ShardOpenError" in out and f"cannot open shard '{server.url}/missing-00000" in out, out[-3000:]
+    assert "after 2 attempts" in out and "attempt 2/2" in out, out[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
