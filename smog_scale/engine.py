@@ -71,7 +71,8 @@ class TrainState:
     skipped_samples: int = 0  # corrupt samples / unreadable shards skipped by the loader, all ranks
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss, features or groups
     nonfinite_streak: int = 0
-    stop_requested: bool = False  # set by SIGTERM/SIGUSR1; acted on when every rank knows
+    stop_signal: bool = False  # set by SIGTERM/SIGUSR1 on this rank, at any moment (never cleared)
+    stop_requested: bool = False  # some rank's stop_signal, as every rank learned it in the same step
 
     def counters(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in
@@ -94,7 +95,7 @@ def train_step(state: TrainState, batch: dict) -> dict[str, torch.Tensor]:
         with acc.autocast():
             out = state.model(crops)
         result = grouping_step(out, state.bank.groups, beta, cfg.grouping.tau, cfg.grouping.cache_features == "online")
-        host_flags = torch.tensor([float(state.stop_requested), float(batch.get("skipped", 0))], device=acc.device)
+        host_flags = torch.tensor([float(state.stop_signal), float(batch.get("skipped", 0))], device=acc.device)
         flags = dist.all_reduce_sum(torch.cat([(~result.ok).float().view(1), host_flags]))
         bad_ranks, stop_ranks, skipped = flags.tolist()
         ok = bad_ranks == 0

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         log.message(f"resumed from {resume_from} at step {state.global_step}")
 
     def request_stop(signum: int, _frame: object) -> None:
-        state.stop_requested = True
+        state.stop_signal = True  # a separate flag: the step in flight overwrites stop_requested
 
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, request_stop)
