@@ -2,9 +2,11 @@
 
 A *source* is a run folder (its newest complete checkpoint), a checkpoint directory
 ``RUN/checkpoints/step_XXXXXXXX/`` (the recipe is ``RUN/config.yaml``, two levels up) or, for the
-evaluation tools, a folder written by :func:`export_timm`. Loading is strict everywhere: a key or
-shape that does not fit raises :class:`CheckpointError` naming the file and the keys. Only
-:func:`export_timm` drops keys (projector, predictor, the other encoder), and it names them.
+evaluation tools, a folder written by :func:`export_timm`. A checkpoint holds Accelerate's
+``model.safetensors`` or, from a DeepSpeed run, DeepSpeed's ``pytorch_model/`` folder. Loading is
+strict everywhere: a key or shape that does not fit raises :class:`CheckpointError` naming the file
+and the keys. Only :func:`export_timm` drops keys (projector, predictor, the other encoder), and it
+names them.
 
 The export is a timm "local-dir" model folder: ``model.safetensors`` (the backbone's own timm keys)
 and ``config.json`` in timm's hub format plus a ``smog`` section (recipe, step, dropped keys), so both
@@ -40,6 +42,7 @@ Encoder = Literal["online", "momentum"]
 CHECK_TOLERANCE = 1e-5  # max abs feature difference allowed between the export and the training backbone
 EVAL_CROP_PCT = 0.875  # center crop of data.multicrop.center_view: resize to S / 0.875, crop S
 _DDP_PREFIX = "module."  # Accelerate saves a DDP-wrapped model's state dict with this prefix
+_DEEPSPEED_TAG = "pytorch_model"  # the folder Accelerate's save_state gives DeepSpeed's checkpoint
 _SHOWN = 8  # keys listed per kind in an error message
 
 
@@ -62,6 +65,12 @@ class Checkpoint:
             return ModelConfig(**self.recipe.get("model", {}))
         except TypeError as err:
             raise CheckpointError(f"{self.config_file}: bad 'model' section: {err}") from err
+
+    @property
+    def weights(self) -> Path:
+        """What holds the model: ``model.safetensors``, or the ``pytorch_model/`` folder of a DeepSpeed run."""
+        deepspeed = self.path / _DEEPSPEED_TAG
+        return deepspeed if deepspeed.is_dir() else self.path / "model.safetensors"
 
     @property
     def image_size(self) -> int:
@@ -94,14 +103,19 @@ def resolve_checkpoint(source: str | Path) -> Checkpoint:
 
 
 def read_state(ckpt: Checkpoint, prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Tensors of ``model.safetensors`` whose key starts with ``prefix`` (prefix removed), and every key.
+    """Tensors of the checkpoint's model whose key starts with ``prefix`` (prefix removed), and every key.
 
     Keys are the SMoGModel's (``online.backbone.*`` ...); a DDP wrapper's ``module.`` is removed.
-    Only the selected tensors are read, so exporting R50x4 does not load both encoders.
+    From ``model.safetensors`` only the selected tensors are read, so exporting R50x4 does not load both
+    encoders. A DeepSpeed checkpoint is merged to float32 whole by DeepSpeed's own ``zero_to_fp32``.
     """
-    file = ckpt.path / "model.safetensors"
+    file = ckpt.weights
+    if file.name == _DEEPSPEED_TAG:
+        stored = _read_deepspeed(ckpt.path)
+        return {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}, list(stored)
     if not file.is_file():
-        raise CheckpointError(f"{file}: missing; a complete checkpoint holds Accelerate's model.safetensors")
+        raise CheckpointError(f"{file}: missing; a complete checkpoint holds Accelerate's model.safetensors "
+                              f"(or DeepSpeed's {_DEEPSPEED_TAG}/ folder)")
     try:
         with safe_open(str(file), framework="pt") as handle:
             stored = list(handle.keys())
@@ -111,6 +125,20 @@ def read_state(ckpt: Checkpoint, prefix: str = "") -> tuple[dict[str, torch.Tens
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{file}: not a readable safetensors file: {err}") from err
     return tensors, list(names)
+
+
+def _read_deepspeed(path: Path) -> dict[str, torch.Tensor]:
+    """Float32 weights of the DeepSpeed ZeRO checkpoint in ``path / pytorch_model`` (tested: ZeRO-2, 1 rank)."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as err:
+        raise CheckpointError(f"{path / _DEEPSPEED_TAG}: a DeepSpeed checkpoint; reading it needs DeepSpeed "
+                              f"(pip install 'smog_scale[deepspeed]')") from err
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=_DEEPSPEED_TAG)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path / _DEEPSPEED_TAG}: not a readable DeepSpeed checkpoint: {err!r}") \
+            from err
 
 
 def strict_load(module: nn.Module, state: dict[str, torch.Tensor], file: Path, prefix: str = "",
@@ -136,11 +164,11 @@ def load_backbone(ckpt: Checkpoint, which: Encoder = "online") -> tuple[nn.Modul
     prefix = f"{which}.backbone."
     state, keys = read_state(ckpt, prefix)
     if not state:
-        raise CheckpointError(f"{ckpt.path / 'model.safetensors'}: no '{prefix}*' keys; not a SMoG checkpoint "
+        raise CheckpointError(f"{ckpt.weights}: no '{prefix}*' keys; not a SMoG checkpoint "
                               f"(keys start with {sorted({k.split('.')[0] for k in keys})[:_SHOWN]})")
     mc = ckpt.model_config
     backbone = build_backbone(mc.backbone, **mc.backbone_kwargs)
-    strict_load(backbone, state, ckpt.path / "model.safetensors", prefix,
+    strict_load(backbone, state, ckpt.weights, prefix,
                 f"{mc.backbone}{f' {mc.backbone_kwargs}' if mc.backbone_kwargs else ''} (model in {ckpt.config_file})")
     dropped = Counter(".".join(k.split(".")[:2 if k.startswith(("online.", "momentum.")) else 1])
                       for k in keys if not k.startswith(prefix))
@@ -151,7 +179,7 @@ def load_model(ckpt: Checkpoint) -> SMoGModel:
     """The whole SMoGModel of a checkpoint (eval mode), loaded strictly."""
     mc = ckpt.model_config
     model = SMoGModel(mc.backbone, mc.proj_hidden_dim, mc.proj_dim, mc.pred_hidden_dim, mc.backbone_kwargs)
-    strict_load(model, read_state(ckpt)[0], ckpt.path / "model.safetensors",
+    strict_load(model, read_state(ckpt)[0], ckpt.weights,
                 what=f"SMoGModel of {ckpt.config_file}")
     return model.eval()
 

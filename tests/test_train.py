@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from smog_scale.data.demo import write_demo
 from smog_scale.data.make_shards import ConvertOptions, convert
+from smog_scale.export import export_timm
 
 ROOT = Path(__file__).parent.parent
 TRAIN = ROOT / "smog_scale" / "train.py"
@@ -163,6 +164,11 @@ def test_deepspeed_zero2_adamw_trains_resumes_and_refuses_lars(tmp_path, shards)
     ckpt = run / "checkpoints" / "step_00000006"
     assert (ckpt / "pytorch_model").is_dir(), sorted(p.name for p in ckpt.iterdir())  # DeepSpeed's format
     assert len(records(run)) == 6
+    # The backbone exports from DeepSpeed's checkpoint as from model.safetensors (self-checked through timm).
+    export_timm(run, tmp_path / "export", check_size=32, check_batch=1)
+    trained = torch.load(ckpt / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert exported and all(torch.equal(v, trained[f"online.backbone.{k}"]) for k, v in exported.items())
     refused = subprocess.run([*base, f"run.output_dir={tmp_path / 'lars'}", "optim.name=lars"],
                              env=env, capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "optim.name=lars cannot run under DeepSpeed ZeRO" in refused.stderr
