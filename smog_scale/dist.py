@@ -55,15 +55,32 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor from every rank along dim 0, in rank order; ranks may hold different row counts."""
     if not is_distributed():
         return tensor
+    padded, rows = _padded_to_largest(tensor)
+    parts = [torch.empty_like(padded) for _ in rows]
+    torch_dist.all_gather(parts, padded)
+    return torch.cat([p[:r] for p, r in zip(parts, rows)])
+
+
+def gather_cat(tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+    """:func:`all_gather_cat`'s result on rank ``dst`` alone (None on the others, which hold nothing extra)."""
+    if not is_distributed():
+        return tensor
+    padded, rows = _padded_to_largest(tensor)
+    parts = [torch.empty_like(padded) for _ in rows] if rank() == dst else None
+    torch_dist.gather(padded, parts, dst=dst)
+    return None if parts is None else torch.cat([p[:r] for p, r in zip(parts, rows)])
+
+
+def _padded_to_largest(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``tensor`` zero-padded to the most rows any rank holds (collectives need equal shapes), and every
+    rank's row count."""
     n = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
     torch_dist.all_gather(sizes, n)
     rows = [int(s.item()) for s in sizes]
     padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in rows]
-    torch_dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:r] for p, r in zip(parts, rows)])
+    return padded, rows
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

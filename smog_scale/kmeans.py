@@ -2,7 +2,7 @@
 
 Two modes, both ending with bit-identical centroids on every rank:
 
-- ``gather``: all-gather the caches, cluster the union on rank 0, broadcast the result.
+- ``gather``: gather the caches on rank 0, cluster the union there, broadcast the result.
 - ``sharded``: no rank holds the union. Rank 0 seeds the centroids from a small sample gathered from
   every rank and broadcasts them; each iteration every rank assigns its own rows to the nearest centroid
   and the per-centroid sums and counts are all-reduced (DeepCluster-v2's M-step).
@@ -117,8 +117,8 @@ def fit(
         # All-reduced inputs already agree; the broadcast makes bit-identity independent of the backend.
         result = result._replace(centroids=dist.broadcast(result.centroids))
     else:
-        union = dist.all_gather_cat(x)
-        result = _cluster(union, k, total_rows, options, sync=False) if dist.rank() == 0 else None
+        union = dist.gather_cat(x)  # only rank 0 holds the union
+        result = _cluster(union, k, total_rows, options, sync=False) if union is not None else None
         result = _broadcast_result(result, k, x)
     empty = int((result.sizes == 0).sum())
     if empty:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from gloo import run_on_ranks
 
+from smog_scale import dist
 from smog_scale import kmeans as kmeans_module
 from smog_scale.kmeans import fit, kmeans
 
@@ -154,6 +155,7 @@ def _cluster_on_two_ranks(rank: int, world: int) -> dict:
         # Only rank 1 holds rows: rank 0's cache may still be empty early in training.
         lopsided = fit(mine if rank == 1 else mine[:0], K, mode=mode)
         out[f"{mode}_lopsided"] = {"centroids": lopsided.centroids, "sizes": lopsided.sizes}
+    out["gathered"] = dist.gather_cat(mine)  # what gather mode clusters: the union on rank 0 alone
     dup = fit(duplicates(distinct=40, copies=25, seed=rank), 80, mode="sharded", init="random")
     out["duplicates"] = {"sizes": dup.sizes, "reseeded": dup.num_reseeded}
     try:
@@ -189,6 +191,12 @@ def test_two_ranks_match_one_process_on_the_union(two_ranks: list[dict], mode: s
     assert distance == pytest.approx(1 - sims.double().mean().item(), abs=1e-6)
     assert distance == pytest.approx(fit(union, K).mean_distance, rel=0.02)
     assert distance <= 1.02 * faiss_mean_distance(union, K)
+
+
+@pytest.mark.slow
+def test_gather_mode_holds_the_union_on_rank_0_alone(two_ranks: list[dict]) -> None:
+    assert torch.equal(two_ranks[0]["gathered"], blobs(sum(RANK_ROWS)))  # rank order, padding removed
+    assert two_ranks[1]["gathered"] is None
 
 
 @pytest.mark.slow

@@ -291,8 +291,8 @@ def test_scaling_table_formulas_and_crossover(capsys, monkeypatch):
     s = tool.Setup(num_groups=3000, dim=128, cache_rows=16384, kmeans_iters=20, init_sample=16384,
                    global_batch=4096, regroup_every=300)
     assert tool.cache_bytes(s) == 16384 * (128 * 4 + 8)
-    assert tool.gather_kmeans(s, 64).peak_bytes == 2 * 64 * 16384 * 128 * 4  # the union, twice, on every rank
-    assert tool.gather_kmeans(s, 8).received_bytes == 7 * 16384 * 128 * 4 + 3000 * (128 * 4 + 8)
+    assert tool.gather_kmeans(s, 64).peak_bytes == 2 * 64 * 16384 * 128 * 4  # the union, twice, on rank 0
+    assert tool.gather_kmeans(s, 8).received_bytes == 7 * 16384 * 128 * 4  # rank 0's gather
     per_pass = 3000 * 128 * 4 + 3000 * 8 + 8
     assert tool.sharded_kmeans(s, 2).received_bytes == pytest.approx(
         16384 * 128 * 4 / 2 + 2 * 3000 * 128 * 4 + 21 * per_pass)

@@ -5,18 +5,19 @@ as ``smog_scale.kmeans`` implements them) and the per-step group update cost per
 of the world size W, the cache rows per rank C, K groups and D dimensions, then the world sizes
 past which ``sharded`` moves less data and past which it must be used (the gathered union no longer
 fits the memory budget). Defaults come from the recipe (K, D, C, k-means iterations, global batch,
-re-grouping period); nothing is run or measured. Bytes are those received per rank, counting the
-standard ring algorithms: an all-reduce of n bytes receives 2 (W-1)/W n, an all-gather of n bytes per
-rank receives (W-1) n, a broadcast of n bytes receives n.
+re-grouping period); nothing is run or measured. Memory and bytes received are the busiest rank's,
+counting the standard algorithms: an all-reduce of n bytes receives 2 (W-1)/W n, an all-gather of n
+bytes per rank receives (W-1) n, a gather to one rank receives (W-1) n there, a broadcast of n bytes
+receives n on every other rank.
 
 Formulas (v = bytes per value, 4 for float32; S = the k-means seeding sample, ``kmeans.fit``'s
 ``init_sample``; T = iters + 1 nearest-centroid passes, no early stop):
 
 - feature cache per rank: C (D v + 8) (features and int64 sample ids).
-- ``gather``: every rank all-gathers the union (``dist.all_gather_cat``: W padded parts, then their
-  concatenation), rank 0 clusters it alone and broadcasts the centroids. Peak per rank
-  max(2 W C D v, W C (D v + 12) + S D v); received (W-1) C D v + K (D v + 8); rank 0 searches
-  T W C K D multiply-adds.
+- ``gather``: rank 0 gathers the union (``dist.gather_cat``: W padded parts, then their
+  concatenation), clusters it alone and broadcasts the centroids. Peak on rank 0
+  max(2 W C D v, W C (D v + 12) + S D v) (the others hold their cache); received on rank 0
+  (W-1) C D v (the others K (D v + 8)); rank 0 searches T W C K D multiply-adds.
 - ``sharded``: each rank keeps its C rows; the S-row seeding sample is all-gathered; every pass
   all-reduces K x D sums, K int64 counts and one float64. Peak per rank C (D v + 12) + S D v;
   received (W-1)/W S D v + 2 K D v + T 2 (W-1)/W (K D v + 8 K + 8); every rank searches T C K D.
@@ -56,8 +57,8 @@ class Setup:
 
 
 class KMeansCost(NamedTuple):
-    peak_bytes: float  # per rank, at the worst moment of one re-grouping
-    received_bytes: float  # per rank, per re-grouping
+    peak_bytes: float  # on the busiest rank, at the worst moment of one re-grouping
+    received_bytes: float  # on the busiest rank, per re-grouping
     busiest_macs: float  # nearest-centroid multiply-adds on the busiest rank
 
 
@@ -83,7 +84,7 @@ def gather_kmeans(s: Setup, world: int) -> KMeansCost:
     rows, row_bytes = world * s.cache_rows, s.dim * s.value_bytes
     sample = max(s.init_sample, s.num_groups) * row_bytes
     peak = max(2 * rows * row_bytes, rows * (row_bytes + 12) + sample)
-    received = (world - 1) * s.cache_rows * row_bytes + s.num_groups * (row_bytes + 8)
+    received = max((world - 1) * s.cache_rows * row_bytes, s.num_groups * (row_bytes + 8) if world > 1 else 0)
     return KMeansCost(peak, received, passes(s) * rows * s.num_groups * s.dim)
 
 
@@ -104,13 +105,13 @@ def group_update(s: Setup, world: int) -> StepCost:
 
 
 def traffic_crossover(s: Setup, limit: int = 1 << 20) -> int | None:
-    """Smallest W at which ``gather`` receives more per rank than ``sharded``."""
+    """Smallest W at which ``gather``'s busiest rank receives more than ``sharded``'s."""
     return next((w for w in range(2, limit) if gather_kmeans(s, w).received_bytes > sharded_kmeans(s, w).received_bytes),
                 None)
 
 
 def memory_crossover(s: Setup, budget: float, limit: int = 1 << 20) -> int | None:
-    """Smallest W at which ``gather``'s peak per rank exceeds ``budget`` bytes."""
+    """Smallest W at which ``gather``'s peak on rank 0 exceeds ``budget`` bytes."""
     return next((w for w in range(1, limit) if gather_kmeans(s, w).peak_bytes > budget), None)
 
 
@@ -158,11 +159,10 @@ def tables(s: Setup, worlds: Sequence[int], budget: float, params: int | None) -
         f"iterations ({passes(s)} passes), seeding sample S = {s.init_sample} rows, global batch "
         f"{s.global_batch}, re-grouping every {s.regroup_every} steps, {s.value_bytes}-byte values.",
         "",
-        "**k-means, per re-grouping** (received = bytes each rank receives; per step = amortized over "
-        "the re-grouping period)",
+        "**k-means, per re-grouping**, on the busiest rank (rank 0 in `gather`; received = bytes it "
+        "receives; per step = amortized over the re-grouping period)",
         "",
-        "| GPUs | mode | union rows | peak memory / rank | received / rank | received / rank / step "
-        "| search multiply-adds, busiest rank |",
+        "| GPUs | mode | union rows | peak memory | received | received / step | search multiply-adds |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for world in worlds:
@@ -189,9 +189,9 @@ def tables(s: Setup, worlds: Sequence[int], budget: float, params: int | None) -
     traffic, memory = traffic_crossover(s), memory_crossover(s, budget)
     lines += [
         "",
-        f"**Crossover.** `sharded` receives less per rank than `gather` from **W = {traffic}** GPUs on "
+        f"**Crossover.** `sharded`'s busiest rank receives less than `gather`'s from **W = {traffic}** GPUs on "
         f"(gather grows as (W-1) C D v, sharded stays near {human_bytes(sharded_kmeans(s, 1 << 20).received_bytes)}); "
-        f"`gather`'s peak (2 W C D v, the union on every rank) exceeds the {human_bytes(budget)} budget from "
+        f"`gather`'s peak (2 W C D v, the union on rank 0) exceeds the {human_bytes(budget)} budget from "
         f"**W = {memory}** GPUs on: there `sharded` must be used.",
     ]
     if params:
