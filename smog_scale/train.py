@@ -2,7 +2,7 @@
 
 The same command runs on a laptop CPU, one GPU, 8 GPUs or several nodes; the launcher decides.
 Exit codes: 0 done or pre-empted (checkpoint written), 1 stopped on non-finite steps or an error
-(unreadable shards, a failed save), 2 bad recipe or launch (before any work).
+(an unreadable shard or a failed save: one line naming it), 2 bad recipe or launch (before any work).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from accelerate.utils import DistributedType, set_seed
 
 from smog_scale import checkpoint, config, dist, evaluate
 from smog_scale.config import ConfigError
-from smog_scale.data.shards import build_eval_loader, build_train_loader, check_shards, count_samples
+from smog_scale.data.shards import (ShardOpenError, build_eval_loader, build_train_loader, check_shards,
+                                    count_samples)
 from smog_scale.engine import TrainState, train_step
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
@@ -195,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM (pre-emption), and at exit multiprocessing would SIGTERM them and wait forever.
         traceback.clear_frames(err.__traceback__)
         gc.collect()
+        if isinstance(err, (ShardOpenError, checkpoint.CheckpointError)):  # the message names the culprit;
+            # from a loader worker it ends a copy of the worker's traceback, whose last line is the error
+            print(f"smog_scale: error: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+            return 1
         raise
     finally:
         log.close()
