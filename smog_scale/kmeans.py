@@ -193,20 +193,20 @@ def _greedy_kmeanspp(sample: torch.Tensor, k: int, trials: int, generator: torch
     chosen[0] = torch.randint(rows, (), generator=generator, device=sample.device)
     # Floor 1e-12 keeps multinomial valid: rounding can make a seed's own distance negative, and a sample
     # of duplicates leaves every distance at 0.
-    nearest = (1 - sample @ sample[chosen[0]]).clamp_min_(1e-12)  # M: distance to the nearest seed so far
+    distance = (1 - sample @ sample[chosen[0]]).clamp_min_(1e-12)  # M: to the nearest seed so far
     sims = sample.new_empty(trials, rows)
     with _one_cpu_thread(sample.device):
         for j in range(1, k):
-            candidates = torch.multinomial(nearest, trials, replacement=True, generator=generator)
+            candidates = torch.multinomial(distance, trials, replacement=True, generator=generator)
             if gram is None:
                 torch.mm(sample[candidates], sample.T, out=sims)
             else:
                 torch.index_select(gram, 0, candidates, out=sims)
-            # How much each candidate would lower each row's distance: relu(nearest - (1 - cos)).
-            decrease = sims.add_(nearest - 1).clamp_min_(0)  # trials x M
+            # How much each candidate would lower each row's distance: relu(distance - (1 - cos)).
+            decrease = sims.add_(distance - 1).clamp_min_(0)  # trials x M
             best = decrease.sum(dim=1).argmax()
             chosen[j] = candidates[best]
-            nearest = (nearest - decrease[best]).clamp_min_(1e-12)
+            distance = (distance - decrease[best]).clamp_min_(1e-12)
     return sample[chosen]
 
 
@@ -236,8 +236,9 @@ def _lloyd(
 
     Each pass assigns every row to its nearest centroid (:class:`_NearestCentroid`), reduces the
     per-centroid sums and counts over ranks when ``sync``, and moves every centroid to its members'
-    normalized mean; empty clusters are re-seeded (:func:`_reseed_rows`). It returns once ``iters`` updates are done or ``tol`` is met and no
-    cluster is empty, or when the repair budget is spent (``fit`` then raises).
+    normalized mean; empty clusters are re-seeded (:func:`_reseed_rows`). It returns once ``iters``
+    updates are done or ``tol`` is met and no cluster is empty, or when the repair budget is spent
+    (``fit`` then raises).
     """
     search = _NearestCentroid(x)
     num_reseeded, previous = 0, math.inf
