@@ -46,6 +46,13 @@ class DataConfig:
     open_attempts: int = 3  # tries to open a shard URL before the run stops naming it
     retry_delay_s: float = 1.0  # back-off unit between those tries (try k waits k x this)
     stall_timeout_s: float = 30.0  # an http(s) shard silent this long is retried (opening) or skipped (midway)
+    # No batch from the loader workers for this long (a stalled pipe: command or network filesystem,
+    # any URL kind) ends the job naming the shard a worker is stuck on; 0: wait forever. Must exceed a
+    # shard's longest legitimate open (open_attempts x stall_timeout_s + the retry delays).
+    read_timeout_s: float = 300.0
+    # Samples or shards in a row that fail (nothing decodes: HTML instead of tar, images under another
+    # key, a crop that cannot be made) before the job stops naming the first; real corruption is sparse.
+    max_consecutive_failures: int = 1000
     # Crop records (multicrop.CropSpec fields); global crops first. BYOL asymmetric recipe by default.
     crops: list[dict[str, Any]] = field(
         default_factory=lambda: [
@@ -200,6 +207,12 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     return config
 
 
+def _longest_open(data: DataConfig) -> float:
+    """Seconds a shard may legitimately take to open: every attempt stalls, with the back-off between."""
+    attempts = data.open_attempts
+    return attempts * data.stall_timeout_s + data.retry_delay_s * attempts * (attempts - 1) / 2
+
+
 def validate(config: Config) -> None:
     """Checks across fields that types alone cannot express; raises ConfigError naming the key."""
     checks = [
@@ -218,6 +231,10 @@ def validate(config: Config) -> None:
         (config.data.open_attempts >= 1, "data.open_attempts must be at least 1"),
         (config.data.retry_delay_s >= 0, "data.retry_delay_s must not be negative"),
         (config.data.stall_timeout_s > 0, "data.stall_timeout_s must be positive"),
+        (config.data.max_consecutive_failures >= 1, "data.max_consecutive_failures must be at least 1"),
+        (config.data.read_timeout_s == 0 or config.data.read_timeout_s > _longest_open(config.data),
+         f"data.read_timeout_s={config.data.read_timeout_s:g} must be 0 (no timeout) or exceed a shard's longest "
+         f"open, data.open_attempts x data.stall_timeout_s + the retry delays = {_longest_open(config.data):g} s"),
         (config.monitor.knn_every_epochs == 0 or bool(config.monitor.knn_train_shards and config.monitor.knn_val_shards),
          "monitor.knn_every_epochs needs monitor.knn_train_shards and monitor.knn_val_shards"),
     ]

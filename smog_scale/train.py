@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -22,8 +23,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from smog_scale import checkpoint, config, dist, evaluate
 from smog_scale.config import ConfigError
-from smog_scale.data.shards import (ShardOpenError, build_eval_loader, build_train_loader, check_shards,
-                                    count_samples)
+from smog_scale.data.shards import ShardError, build_eval_loader, build_train_loader, check_shards, count_samples
 from smog_scale.engine import TrainState, train_step
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
@@ -103,9 +103,10 @@ def regroup(state: TrainState, log: RunLog) -> None:
     log.regroup(state, result)
 
 
-def shard_reading(cfg: config.Config) -> dict[str, float]:
-    """The recipe's ``data.*`` settings for opening shards, as loader keyword arguments."""
-    return {key: getattr(cfg.data, key) for key in ("open_attempts", "retry_delay_s", "stall_timeout_s")}
+def shard_reading(cfg: config.Config) -> dict[str, Any]:
+    """The recipe's ``data.*`` settings for reading shards, as loader keyword arguments."""
+    keys = ("open_attempts", "retry_delay_s", "stall_timeout_s", "read_timeout_s", "max_consecutive_failures")
+    return {key: getattr(cfg.data, key) for key in keys}
 
 
 def knn_monitor(state: TrainState, log: RunLog) -> None:
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM (pre-emption), and at exit multiprocessing would SIGTERM them and wait forever.
         traceback.clear_frames(err.__traceback__)
         gc.collect()
-        if isinstance(err, (ShardOpenError, checkpoint.CheckpointError)):  # the message names the culprit;
+        if isinstance(err, (ShardError, checkpoint.CheckpointError)):  # the message names the culprit;
             # from a loader worker it ends a copy of the worker's traceback, whose last line is the error
             print(f"smog_scale: error: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
             return 1

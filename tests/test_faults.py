@@ -18,14 +18,15 @@ import accelerate.checkpointing
 import psutil
 import pytest
 import torch
+import webdataset as wds
 from accelerate import Accelerator
-
-from smog_scale import checkpoint
-from smog_scale.data.multicrop import CropSpec
-from smog_scale.data.shards import ShardOpenError, build_train_loader
 from test_checkpoint import make_parts
 from test_scale import ShardServer
-from test_train import launch, records, shards  # noqa: F401  (shards: module fixture)
+from test_train import ROOT, TINY, launch, records, shards  # noqa: F401  (shards: module fixture)
+
+from smog_scale import checkpoint, config, train
+from smog_scale.data.multicrop import CropSpec
+from smog_scale.data.shards import ShardOpenError, build_train_loader
 
 CROPS = (CropSpec(size=16, count=2),)
 
@@ -112,10 +113,64 @@ def test_unreachable_shards_end_the_trainer_with_the_url_not_a_hang(tmp_path, sh
                 os.killpg(proc.pid, signal.SIGKILL)
     # One line from the trainer, not the loader worker's traceback (accelerate's launcher adds its own).
     assert proc.returncode == 1 and "Original Traceback" not in out, out[-3000:]
-    assert f"smog_scale: error: smog_scale.data.shards.ShardOpenError: cannot open shard '{server.url}/missing-00000" \
-        in out, out[-3000:]
+    assert f"smog_scale: error: cannot open shard '{server.url}/missing-00000" in out, out[-3000:]
     assert "after 2 attempts" in out and "attempt 2/2" in out, out[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _train_in_process(run: Path, shards: str, *overrides: str) -> int:
+    """``train.main`` in this process (its SIGTERM/SIGUSR1 handlers are put back afterwards)."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return train.main([str(ROOT / "recipes" / "demo_cpu.yaml"), f"run.output_dir={run}",
+                           f"data.train_shards={shards}", *TINY, *overrides])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def test_shards_where_nothing_decodes_end_the_trainer_with_one_line(tmp_path, capsys):
+    """Images under a key the pipeline does not read: every sample fails. Today's loader skips them
+    forever; the trainer now stops after data.max_consecutive_failures, naming shard, sample and error."""
+    folder = tmp_path / "png"
+    folder.mkdir()
+    for index in range(2):
+        with wds.TarWriter(str(folder / f"png-{index:06d}.tar")) as sink:
+            for key in range(20):
+                sink.write({"__key__": f"k{index}_{key:02d}", "png": b"\x89PNG...", "cls": 0})
+    code = _train_in_process(tmp_path / "run", f"{folder}/png-{{000000..000001}}.tar", "data.num_samples=40",
+                             "data.max_consecutive_failures=10")
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("smog_scale: error:")]
+    assert code == 1 and len(errors) == 1, errors
+    assert errors[0].startswith("smog_scale: error: 10 samples or shards in a row failed (max_consecutive_failures=10)"
+                                f"; the first: shard '{folder}/png-00000"), errors[0]
+    assert ", sample 'k" in errors[0] and "KeyError('jpg')" in errors[0]
+
+
+def test_stalled_pipe_ends_the_trainer_with_the_shard_named(tmp_path, capsys):
+    """A pipe: command that never sends blocks the reader forever today; data.read_timeout_s ends the job."""
+    start = time.monotonic()
+    code = _train_in_process(tmp_path / "run", "pipe:exec sleep 20", "data.num_samples=40", "data.open_attempts=1",
+                             "data.stall_timeout_s=1", "data.read_timeout_s=2")
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("smog_scale: error:")]
+    assert code == 1 and errors == ["smog_scale: error: no batch for 2 s (read_timeout_s): loader worker 0 has been "
+                                    f"reading shard 'pipe:exec sleep 20' for {errors[0].split(' for ')[-1]}"], errors
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.max_consecutive_failures=0", "data.max_consecutive_failures must be at least 1"),
+    ("data.read_timeout_s=60", "data.read_timeout_s=60 must be 0 (no timeout) or exceed a shard's longest open, "
+                               "data.open_attempts x data.stall_timeout_s + the retry delays = 93 s"),
+    ("data.read_timeout_s=-1", "data.read_timeout_s=-1 must be 0"),
+])
+def test_loader_limits_are_checked_before_any_work(tmp_path, override, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  train_shards: /x/s-{0..3}.tar\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(recipe, [override])
+    assert message in str(info.value)
+    assert config.load(recipe, ["data.read_timeout_s=0"]).data.read_timeout_s == 0
 
 
 def _ranks(launcher: psutil.Process) -> dict[int, psutil.Process]:

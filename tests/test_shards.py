@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import gzip
 import io
 import itertools
 import json
 import os
+import signal
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import webdataset as wds
@@ -19,7 +24,10 @@ from PIL import Image
 
 from smog_scale.data.multicrop import CropSpec
 from smog_scale.data.shards import (
+    SampleFailures,
+    ShardCheckError,
     ShardOpenError,
+    ShardStallError,
     build_eval_loader,
     build_train_loader,
     check_shards,
@@ -77,9 +85,9 @@ def _keys(loader) -> list[str]:
 def test_manifest_and_counts(shards: str, tmp_path: Path) -> None:
     assert read_manifest(shards)["num_samples"] == 32
     assert count_samples(shards.replace("000007", "000003")) == 16  # only the selected shards
-    with pytest.raises(FileNotFoundError, match="num_samples"):
-        read_manifest(str(tmp_path / "elsewhere-{000000..000001}.tar"))
-    with pytest.raises(ValueError, match="num_samples"):
+    with pytest.raises(FileNotFoundError, match=r"no manifest.json at .*elsewhere"):  # no advice of a flag
+        read_manifest(str(tmp_path / "elsewhere" / "x-{000000..000001}.tar"))
+    with pytest.raises(ValueError, match="only local shards have one"):
         read_manifest("pipe:cat x-{000000..000001}.tar")
 
 
@@ -132,8 +140,42 @@ def test_folder_urls_and_missing_shards(shards: str, tmp_path: Path) -> None:
     folder = str(Path(shard_urls(shards)[0]).parent)
     assert shard_urls(folder) == check_shards(folder) == shard_urls(shards)
     assert count_samples(folder) == count_samples(shards)
-    with pytest.raises(FileNotFoundError, match=r"2 of 3 shards .* do not exist: .*x-000001.tar"):
+    with pytest.raises(ShardCheckError, match=r"2 of 3 shards .* cannot be read: .*x-000001.tar does not exist"):
         check_shards(f"{shard_urls(shards)[0]}::{tmp_path}/x-{{000001..000002}}.tar")
+
+
+def test_startup_check_lists_empty_and_non_tar_shards(shards: str, tmp_path: Path) -> None:
+    """A 0-byte shard, an HTML error page and an empty tar are refused before any work, all named;
+    a gzip-compressed tar (which webdataset reads) and remote URLs pass."""
+    root = Path(shard_urls(shards)[0]).parent
+    (root / "demo-000002.tar").write_bytes(b"")
+    (root / "demo-000005.tar").write_bytes(b"<html><body>503 Service Unavailable</body></html>\n" * 20)
+    with tarfile.open(root / "demo-000006.tar", "w"):
+        pass  # a tar without members: only end-of-archive blocks
+    with pytest.raises(ShardCheckError) as info:
+        check_shards(str(root))
+    message = str(info.value)
+    assert "3 of 8 shards" in message and len(message.splitlines()) == 1, message
+    assert "demo-000002.tar is empty (0 bytes)" in message
+    assert "demo-000005.tar is not a tar file" in message and "demo-000006.tar is not a tar file" in message
+    with open(root / "demo-000000.tar", "rb") as src, gzip.open(tmp_path / "packed.tar.gz", "wb") as dst:
+        dst.write(src.read())
+    assert check_shards(f"{tmp_path}/packed.tar.gz::http://host/x-{{000000..000001}}.tar::pipe:cat x.tar") == [
+        f"{tmp_path}/packed.tar.gz", "http://host/x-000000.tar", "http://host/x-000001.tar", "pipe:cat x.tar"]
+    loader = build_eval_loader(str(tmp_path / "packed.tar.gz"), image_size=8, batch_size=8, num_workers=0)
+    assert sum(len(keys) for _, _, keys in loader) == 4
+
+
+def test_startup_check_of_1024_shards_is_fast(tmp_path: Path) -> None:
+    """One header read per shard, in parallel: 1,024 shards well under a second on an idle disk."""
+    data = (Path(write_shards(tmp_path / "one", [1]).replace("{000000..000000}", "000000"))).read_bytes()
+    root = tmp_path / "many"
+    root.mkdir()
+    for index in range(1024):
+        (root / f"s-{index:06d}.tar").write_bytes(data)
+    start = time.perf_counter()
+    assert len(check_shards(f"{root}/s-{{000000..001023}}.tar")) == 1024
+    assert time.perf_counter() - start < 10  # generous: a loaded 2-core machine
 
 
 def test_set_epoch_matches_building_for_that_epoch(shards: str) -> None:
@@ -231,3 +273,132 @@ def test_pipe_urls_and_multiple_patterns(tmp_path: Path) -> None:
     urls = f"pipe:cat {first}::{second}"
     loader = build_eval_loader(urls, image_size=8, batch_size=5, num_workers=0)
     assert sum(len(keys) for _, _, keys in loader) == 7
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging: today's loader skips failing samples forever."""
+    def expire(*_):
+        raise TimeoutError(f"no result within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _children() -> set[int]:
+    """This process's live children (zombies left by killed workers do not count)."""
+    return {c.pid for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE}
+
+
+def _png_shards(root: Path, count: int) -> str:
+    """Shards whose images sit under ``png``, a key the pipeline does not read."""
+    root.mkdir()
+    for shard in range(count):
+        with wds.TarWriter(str(root / f"png-{shard:06d}.tar")) as sink:
+            for index in range(4):
+                sink.write({"__key__": f"p{shard}_{index}", "png": b"\x89PNG not read", "cls": 0})
+    return str(root / f"png-{{000000..{count - 1:06d}}}.tar")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_where_nothing_decodes_stops_naming_shard_key_and_error(tmp_path: Path, workers: int) -> None:
+    urls = _png_shards(tmp_path / "png", 2)
+    loader = build_train_loader(urls, crops=CROPS, batch_size=2, num_workers=workers, seed=0, num_samples=64,
+                                max_consecutive_failures=6)
+    before = _children()
+    with deadline(60), pytest.raises(SampleFailures) as info:
+        next(iter(loader))
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and "Traceback" not in message, message  # not the worker's traceback
+    assert message.startswith("6 samples or shards in a row failed (max_consecutive_failures=6); the first: shard ")
+    assert f"{tmp_path}/png/png-00000" in message and ", sample 'p" in message and "KeyError('jpg')" in message
+    # The workers are gone with the error, not when a garbage collection finds the iterator: they ignore
+    # SIGTERM, so multiprocessing would wait for them forever at exit.
+    assert not _children() - before
+
+
+def test_shards_of_html_stop_naming_the_shard(tmp_path: Path) -> None:
+    """Not a tar at all (an error page saved as a shard): every shard fails; the eval loader stops too."""
+    root = tmp_path / "html"
+    root.mkdir()
+    for index in range(3):
+        (root / f"h-{index:06d}.tar").write_bytes(b"<html>404 Not Found</html>\n" * 40)
+    urls = f"{root}/h-{{000000..000002}}.tar"
+    train = build_train_loader(urls, crops=CROPS, batch_size=2, num_workers=0, seed=0, num_samples=8,
+                               max_consecutive_failures=5)
+    with deadline(60), pytest.raises(SampleFailures, match=rf"5 samples or shards in a row .* shard '{root}/h-"):
+        next(iter(train))
+    evaluation = build_eval_loader(urls, image_size=8, batch_size=2, num_workers=0, max_consecutive_failures=2)
+    with pytest.raises(SampleFailures, match=r"the first: shard '.*h-000000.tar': ReadError"):
+        list(evaluation)
+
+
+def test_failures_count_in_a_row_only(tmp_path: Path) -> None:
+    """Every other sample corrupt (the evaluation loader keeps their order): never two in a row, so a
+    limit of 2 never stops the pass; two in a row do."""
+    bad = frozenset(f"s{s:02d}_{i:03d}" for s in range(2) for i in range(0, 6, 2))
+    urls = write_shards(tmp_path / "half", [6, 6], bad=bad)
+    loader = build_eval_loader(urls, image_size=8, batch_size=4, num_workers=0, max_consecutive_failures=2)
+    keys = [key for *_, batch_keys in loader for key in batch_keys]
+    assert sorted(keys) == sorted({f"s{s:02d}_{i:03d}" for s in range(2) for i in range(6)} - bad)
+    urls = write_shards(tmp_path / "pair", [6], bad=frozenset({"s00_002", "s00_003"}))
+    with pytest.raises(SampleFailures, match="2 samples or shards in a row failed .* sample 's00_002'"):
+        list(build_eval_loader(urls, image_size=8, batch_size=4, num_workers=0, max_consecutive_failures=2))
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_a_stalled_read_ends_with_the_shard_named_and_the_workers_gone(shards: str, kind: str) -> None:
+    """A ``pipe:`` command that never sends (or a hung network filesystem): no batch within
+    ``read_timeout_s`` raises naming the shard, and the stuck worker (which ignores SIGTERM) is killed."""
+    stalled = "pipe:exec sleep 20"
+    urls = f"{stalled}::{shards}"
+    if kind == "train":
+        loader = build_train_loader(urls, crops=CROPS, batch_size=2, num_workers=1, seed=0, num_samples=8,
+                                    resampled=False, read_timeout_s=2)
+    else:
+        loader = build_eval_loader(urls, image_size=8, batch_size=2, num_workers=1, read_timeout_s=2)
+    before = _children()
+    start = time.monotonic()
+    with deadline(60), pytest.raises(ShardStallError) as info:
+        list(loader)
+    assert time.monotonic() - start < 30
+    message = str(info.value)
+    assert message.startswith("no batch for 2 s (read_timeout_s): loader worker 0 has been reading shard "
+                              f"'{stalled}' for "), message
+    assert not _children() - before, "a loader worker survived"
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_workers_ignore_preemption_signals(tmp_path: Path, kind: str) -> None:
+    """SIGTERM/SIGUSR1 to the process group (a cluster's pre-emption) must not kill the loader workers:
+    the trainer saves a checkpoint first, and the kNN monitor may be running at that moment."""
+    urls = write_shards(tmp_path / "sig", [4] * 4)
+    if kind == "train":
+        loader = build_train_loader(urls, crops=CROPS, batch_size=2, num_workers=2, seed=0, resampled=False)
+    else:
+        loader = build_eval_loader(urls, image_size=8, batch_size=2, num_workers=2)
+    before = _children()
+    batches = iter(loader)
+    keys = list(next(batches)[-1 if kind == "eval" else "key"])
+    workers = _children() - before
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker, signal.SIGTERM)
+        os.kill(worker, signal.SIGUSR1)
+    time.sleep(0.5)
+    keys += [k for batch in batches for k in (batch[-1] if kind == "eval" else batch["key"])]
+    assert len(keys) == 16 and len(set(keys)) == 16
+
+
+@pytest.mark.parametrize("workers, rank, world", [(0, 0, 1), (2, 0, 1), (3, 1, 2), (2, 0, 3)])
+def test_eval_loader_length_is_the_batches_it_yields(tmp_path: Path, workers: int, rank: int, world: int) -> None:
+    urls = write_shards(tmp_path / "len", [3, 5, 2, 4, 1, 6])
+    loader = build_eval_loader(urls, image_size=8, batch_size=2, num_workers=workers, rank=rank, world_size=world)
+    assert len(loader) == sum(1 for _ in loader)
+    with pytest.raises(TypeError, match="no manifest"):
+        len(build_eval_loader(f"pipe:cat {shard_urls(urls)[0]}", image_size=8, batch_size=2, num_workers=0))

@@ -9,6 +9,14 @@ yields exactly ``len(loader) / num_workers`` batches through ``with_epoch``.
 Every random stream is seeded from (seed, epoch, rank, worker), so a pass is a pure function of
 those and ``num_workers``; the loader rebuilds its pipeline on every ``iter``.
 
+Neither loader can spin or hang: ``max_consecutive_failures`` samples or shards in a row that fail
+raise ``SampleFailures``; with worker processes, no batch within ``read_timeout_s`` raises
+``ShardStallError`` naming the shard a worker is stuck reading (``shard_reading.ReadBoard``). Errors
+from a worker reach the caller as the same type with a one-line message. Workers ignore
+SIGTERM/SIGUSR1 (pre-emption is the trainer's to handle). Shard lists, manifests and the startup
+check are in ``shard_list``, opening and the failure guard in ``shard_reading``; this module is the
+package's entry point to all three.
+
 Batch layout (dict)::
 
     crops:   list of uint8 [V_s, B, 3, S, S], one per distinct crop size S in order of first
@@ -23,166 +31,57 @@ Batch layout (dict)::
 from __future__ import annotations
 
 import functools
-import json
-import logging
-import os
+import math
 import random
-import signal
-import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterator, Sequence
-from urllib.parse import urlparse
+from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.gopen import Pipe
-from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from smog_scale.data.multicrop import CropSpec, MultiCrop, center_view, collate_views
+from smog_scale.data.shard_list import (
+    MANIFEST_NAME,
+    ShardCheckError,
+    ShardError,
+    check_shards,
+    count_samples,
+    read_manifest,
+    sample_counts,
+    shard_urls,
+)
+from smog_scale.data.shard_reading import (
+    FailureGuard,
+    ReadBoard,
+    SampleFailures,
+    ShardOpenError,
+    ShardStallError,
+    one_line,
+)
 
-MANIFEST_NAME = "manifest.json"
-_log = logging.getLogger(__name__)
+__all__ = [
+    "MANIFEST_NAME", "SampleFailures", "ShardCheckError", "ShardError", "ShardLoader", "ShardOpenError",
+    "ShardStallError", "build_eval_loader", "build_train_loader", "check_shards", "count_samples", "read_manifest",
+    "shard_urls",
+]
 
 # Salts that give each random stream of a worker its own seed.
 _SALT_SHARDS, _SALT_SHUFFLE, _SALT_AUGMENT = 1, 2, 3
 
 
-class ShardOpenError(OSError):
-    """A shard URL could not be opened after the bounded retries; the message names the URL."""
+@dataclass(frozen=True)
+class _Reading:
+    """How shards are opened and how long a loader waits (see ``build_train_loader``)."""
 
-
-class SkipCounter:
-    """webdataset exception handler: log a warning, count the error, continue with the stream."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, exn: Exception) -> bool:
-        self.count += 1
-        _log.warning("skipping a sample or shard after %s", repr(exn)[:500])
-        return True
-
-    def take(self) -> int:
-        """Return the count since the previous call and reset it."""
-        count, self.count = self.count, 0
-        return count
-
-
-def _manifest_path(url: str) -> str:
-    """``manifest.json`` beside a local shard path (plain or ``file:``)."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("", "file"):
-        raise ValueError(
-            f"cannot locate {MANIFEST_NAME} for {url!r}: only local shards are looked up; "
-            "pass num_samples for http(s):// and pipe: URLs"
-        )
-    return os.path.join(os.path.dirname(parsed.path if parsed.scheme else url), MANIFEST_NAME)
-
-
-def _load_manifest(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"no {MANIFEST_NAME} at {path}: write shards with tools/make_shards.py, or pass num_samples"
-        )
-    with open(path) as f:
-        return json.load(f)
-
-
-def shard_urls(urls: str) -> list[str]:
-    """The shard list of ``urls``: a folder holding ``manifest.json`` gives the shards it lists;
-    anything else is brace-expanded (``::`` joins several patterns)."""
-    if os.path.isdir(urls):
-        folder = urls
-        return [os.path.join(folder, s["name"]) for s in _load_manifest(os.path.join(folder, MANIFEST_NAME))["shards"]]
-    return expand_urls(urls)
-
-
-def check_shards(urls: str) -> list[str]:
-    """The shard list, after checking that every local shard exists; raises naming the missing ones."""
-    url_list = shard_urls(urls)
-    if not url_list:
-        raise FileNotFoundError(f"no shards in {urls!r}")
-    local = [u for u in url_list if urlparse(u).scheme in ("", "file")]
-    missing = [u for u in local if not os.path.isfile(urlparse(u).path if u.startswith("file:") else u)]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise FileNotFoundError(f"{len(missing)} of {len(url_list)} shards of {urls!r} do not exist: {shown}")
-    return url_list
-
-
-def read_manifest(urls: str) -> dict[str, Any]:
-    """The converter's manifest beside the first shard of ``urls`` (local paths only)."""
-    return _load_manifest(_manifest_path(shard_urls(urls)[0]))
-
-
-def count_samples(urls: str) -> int:
-    """Samples in exactly the shards ``urls`` names, from the manifests beside them."""
-    total = 0
-    manifests: dict[str, dict[str, int]] = {}
-    for url in shard_urls(urls):
-        path = _manifest_path(url)
-        if path not in manifests:
-            manifests[path] = {s["name"]: s["samples"] for s in _load_manifest(path)["shards"]}
-        name = os.path.basename(url)
-        if name not in manifests[path]:
-            raise ValueError(f"shard {url!r} is not listed in {path}")
-        total += manifests[path][name]
-    return total
-
-
-class _ReadAhead:
-    """A stream whose first bytes were read to prove it opens; tarfile reads it sequentially."""
-
-    def __init__(self, head: bytes, stream: IO[bytes]) -> None:
-        self._head, self._stream = head, stream
-
-    def read(self, size: int = -1) -> bytes:
-        if 0 <= size < len(self._head):
-            data, self._head = self._head[:size], self._head[size:]
-            return data
-        data, self._head = self._head, b""
-        return data + self._stream.read(size - len(data) if size >= 0 else -1)
-
-    def close(self) -> None:
-        self._stream.close()
-
-
-def _gopen(url: str, stall_timeout_s: float) -> IO[bytes]:
-    """``wds.gopen``, except http(s): webdataset's curl has no stall timeout (a server that stops
-    sending hangs the reader forever) and retries up to 30 times itself, so our curl aborts after
-    ``stall_timeout_s`` without a connection or a byte, and ``_open_one`` owns the retries."""
-    if urlparse(url).scheme not in ("http", "https"):
-        return wds.gopen(url)
-    seconds = str(max(1, round(stall_timeout_s)))
-    return Pipe(["curl", "--connect-timeout", seconds, "--speed-limit", "1", "--speed-time", seconds,
-                 "-f", "-s", "-L", url], mode="rb", bufsize=8192, ignore_status=[141, 23])
-
-
-def _open_one(url: str, attempts: int, delay_s: float, stall_timeout_s: float) -> _ReadAhead:
-    """Open ``url`` (``_gopen``); pipe:/curl failures only show on read, so read a block."""
-    error: Exception | None = None
-    for attempt in range(1, attempts + 1):
-        try:
-            stream = _gopen(url, stall_timeout_s)
-            head = stream.read(512)
-            if not head:
-                stream.close()  # a failed command raises its exit status here
-                raise OSError("the stream is empty")
-            return _ReadAhead(head, stream)
-        except Exception as exn:  # noqa: BLE001 - any failure to open is retried, then reported
-            error = exn
-            _log.warning("opening %s failed (attempt %d/%d): %r", url, attempt, attempts, exn)
-            if attempt < attempts:
-                time.sleep(delay_s * attempt)
-    raise ShardOpenError(f"cannot open shard {url!r} after {attempts} attempts: {error!r}") from error
-
-
-def _open_shards(src: Iterator[dict], attempts: int, delay_s: float, stall_timeout_s: float) -> Iterator[dict]:
-    """``wds.url_opener`` with bounded retries; it neither retries nor sees lazy pipe failures."""
-    for sample in src:
-        yield dict(sample, stream=_open_one(sample["url"], attempts, delay_s, stall_timeout_s))
+    open_attempts: int = 3
+    retry_delay_s: float = 1.0
+    stall_timeout_s: float = 30.0
+    read_timeout_s: float = 300.0
+    max_consecutive_failures: int = 1000
 
 
 def _split_by_rank(src: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
@@ -277,64 +176,96 @@ def _augment_sample(sample: dict, transform: MultiCrop) -> dict:
     return {"crops": crops, "cls": int(sample["cls"]), "key": sample["__key__"]}
 
 
-def _collate_counting(samples: list[dict], counter: SkipCounter) -> dict[str, Any]:
-    return dict(collate_views(samples), skipped=counter.take())
+def _collate_counting(samples: list[dict], guard: FailureGuard) -> dict[str, Any]:
+    return dict(collate_views(samples), skipped=guard.take())
 
 
-def _read_samples(counter: SkipCounter, attempts: int, delay_s: float, stall_timeout_s: float) -> list[Callable]:
-    """Stages from shard URLs to grouped samples; errors inside a shard go to ``counter``."""
+def _read_samples(guard: FailureGuard, reading: _Reading, board: ReadBoard) -> list[Callable]:
+    """Stages from shard URLs to grouped samples; errors inside a shard go to ``guard``."""
     return [
-        wds.pipelinefilter(_open_shards)(attempts, delay_s, stall_timeout_s),
-        functools.partial(tar_file_expander, handler=counter),
-        functools.partial(group_by_keys, handler=counter),
+        wds.pipelinefilter(guard.open_shards)(reading.open_attempts, reading.retry_delay_s, reading.stall_timeout_s,
+                                              board),
+        functools.partial(tar_file_expander, handler=guard),
+        functools.partial(group_by_keys, handler=guard),
     ]
 
 
 class ShardLoader:
-    """The per-rank epoch iterable: ``len()`` batches per pass; ``set_epoch`` selects the streams.
+    """An iterable of batches: each ``iter`` builds the pipeline and a fresh DataLoader (workers never
+    carry state across passes) and turns a worker's error into the same error on one line.
 
-    Each ``iter`` builds the pipeline for the current epoch and a fresh DataLoader, so a pass
-    depends only on (seed, epoch, rank, num_workers) and workers never carry state across epochs.
+    ``len()`` is the number of batches a pass yields (the evaluation loader knows it only from the
+    manifests; without them ``len()`` raises ``TypeError``, which progress bars take as unknown).
     """
 
-    def __init__(self, build: Callable[[int], wds.DataPipeline], *, epoch: int, num_batches: int,
-                 global_batch_size: int, num_workers: int, pin_memory: bool) -> None:
+    def __init__(self, build: Callable[[int, ReadBoard], wds.DataPipeline], *, epoch: int, num_batches: int | None,
+                 num_workers: int, pin_memory: bool, read_timeout_s: float) -> None:
         self._build, self.epoch, self.num_batches = build, epoch, num_batches
-        self.global_batch_size, self.num_workers, self.pin_memory = global_batch_size, num_workers, pin_memory
-
-    @property
-    def num_samples(self) -> int:
-        """Samples per epoch over all ranks (``num_samples`` rounded down to whole batches)."""
-        return self.num_batches * self.global_batch_size
+        self.num_workers, self.pin_memory, self.read_timeout_s = num_workers, pin_memory, read_timeout_s
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shard/sample/augmentation streams the next ``iter`` yields."""
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("the number of batches is unknown: the shards have no manifest")
         return self.num_batches
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        loader = torch.utils.data.DataLoader(
-            self._build(self.epoch), batch_size=None, shuffle=False, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, worker_init_fn=_ignore_preemption_signals,
-        )
-        return iter(loader)
+    def __iter__(self) -> Iterator[Any]:
+        board = ReadBoard(self.num_workers)
+        batches = iter(torch.utils.data.DataLoader(
+            self._build(self.epoch, board), batch_size=None, shuffle=False, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, worker_init_fn=board.init_worker,
+            timeout=self.read_timeout_s if self.num_workers > 0 else 0,
+        ))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as err:  # noqa: BLE001 - re-raised below, once the workers are shut down
+                error = self._error(err, board)
+                # The traceback's frames hold the DataLoader iterator: clear them, or its workers (which
+                # ignore SIGTERM) outlive it, and multiprocessing waits for them forever at exit.
+                traceback.clear_frames(err.__traceback__)
+                break
+            yield batch
+        del batches  # shuts the workers down: they exit, except one stuck in a read, killed below
+        if isinstance(error, ShardStallError):
+            board.kill_workers()
+        raise error
+
+    def _error(self, err: Exception, board: ReadBoard) -> BaseException:
+        """What a failed ``next`` raises: a worker's shard error on one line, a timeout as the stalled shard."""
+        if isinstance(err, ShardError):
+            return type(err)(one_line(err))
+        if isinstance(err, RuntimeError) and str(err).startswith("DataLoader timed out"):
+            stall = board.describe_stall()
+            return ShardStallError(f"no batch for {self.read_timeout_s:g} s (read_timeout_s): {stall}")
+        return err
 
 
-def _ignore_preemption_signals(_worker: int) -> None:
-    """Workers ignore SIGTERM/SIGUSR1: a cluster signals the whole process group at pre-emption,
-    and the trainer, not its loader workers, decides when to stop (after a checkpoint)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+class TrainLoader(ShardLoader):
+    """The per-rank epoch iterable: ``len()`` batches per pass; ``set_epoch`` selects the streams,
+    so a pass depends only on (seed, epoch, rank, num_workers)."""
+
+    def __init__(self, build: Callable[[int, ReadBoard], wds.DataPipeline], *, global_batch_size: int,
+                 num_batches: int, **kwargs: Any) -> None:
+        super().__init__(build, num_batches=num_batches, **kwargs)
+        self.global_batch_size = global_batch_size
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch over all ranks (``num_samples`` rounded down to whole batches)."""
+        return len(self) * self.global_batch_size
 
 
-def _train_pipeline(epoch: int, *, urls: list[str], transform: MultiCrop, batch_size: int,
+def _train_pipeline(epoch: int, board: ReadBoard, *, urls: list[str], transform: MultiCrop, batch_size: int,
                     worker_batches: int, seed: int, rank: int, world_size: int, workers: int, start_batch: int,
-                    shuffle_buffer: int, resampled: bool, open_attempts: int, retry_delay_s: float,
-                    stall_timeout_s: float) -> wds.DataPipeline:
+                    shuffle_buffer: int, resampled: bool, reading: _Reading) -> wds.DataPipeline:
     """The training DataPipeline for one epoch (see the module docstring for the stages)."""
-    counter = SkipCounter()
+    guard = FailureGuard(reading.max_consecutive_failures)
     streams = _Streams(seed, epoch, rank, workers, start_batch)
     if resampled:
         worker_seed = functools.partial(streams.seed_for, _SALT_SHARDS)
@@ -348,12 +279,12 @@ def _train_pipeline(epoch: int, *, urls: list[str], transform: MultiCrop, batch_
         ]
     pipeline = wds.DataPipeline(
         *shards,
-        *_read_samples(counter, open_attempts, retry_delay_s, stall_timeout_s),
+        *_read_samples(guard, reading, board),
         _Seeded(functools.partial(_shuffle_with, shuffle_buffer), streams, _SALT_SHUFFLE),
         _Seeded(_seed_samples, streams, _SALT_AUGMENT),
         _SkipDone(streams, batch_size),
-        wds.map(functools.partial(_augment_sample, transform=transform), handler=counter),
-        wds.batched(batch_size, collation_fn=functools.partial(_collate_counting, counter=counter), partial=False),
+        wds.pipelinefilter(guard.decode)(functools.partial(_augment_sample, transform=transform)),
+        wds.batched(batch_size, collation_fn=functools.partial(_collate_counting, guard=guard), partial=False),
     )
     return pipeline.with_epoch(nbatches=worker_batches)
 
@@ -371,13 +302,11 @@ def build_train_loader(
     num_samples: int | None = None,
     shuffle_buffer: int = 1000,
     resampled: bool = True,
-    open_attempts: int = 3,
-    retry_delay_s: float = 1.0,
-    stall_timeout_s: float = 30.0,
     pin_memory: bool = False,
     draft: bool = True,
     start_batch: int = 0,
-) -> ShardLoader:
+    **reading: Any,
+) -> TrainLoader:
     """Multi-crop training batches from shards ``urls`` for one rank; see the module docstring.
 
     Args:
@@ -392,22 +321,28 @@ def build_train_loader(
         shuffle_buffer: samples in each worker's shuffle buffer (held as encoded bytes, before decoding).
         resampled: draw shards with replacement (training default). Without it, shards are
             shuffled per epoch and split by rank then worker: needs shards >= workers x ranks.
-        open_attempts: attempts to open a shard URL before raising ``ShardOpenError``.
-        retry_delay_s: back-off unit between attempts (attempt k waits k x this).
-        stall_timeout_s: an http(s) shard whose server gives no connection or no byte for this
-            long fails: while opening, the attempt fails (retried, then ``ShardOpenError``); later,
-            the rest of the shard is skipped and counted.
         pin_memory: passed to the DataLoader.
         draft: allow reduced-size JPEG decoding where no crop gets upscaled by it.
         start_batch: resume the epoch at this batch: the batches then equal batches
             ``start_batch, start_batch + 1, ...`` of the full pass (exact unless samples before it
             were skipped as corrupt); the skipped samples are read but not decoded. Iterate only
             the ``len(loader) - start_batch`` batches that remain.
+        reading: how shards are read, all optional:
+            ``open_attempts`` (3): attempts to open a shard URL before raising ``ShardOpenError``;
+            ``retry_delay_s`` (1.0): back-off unit between attempts (attempt k waits k x this);
+            ``stall_timeout_s`` (30): an http(s) shard whose server gives no connection or no byte for
+            this long fails: while opening, the attempt fails (retried, then ``ShardOpenError``);
+            later, the rest of the shard is skipped and counted;
+            ``read_timeout_s`` (300): with worker processes, waiting longer than this for a batch
+            raises ``ShardStallError`` naming the shard a worker is stuck reading (any URL kind;
+            0: wait forever);
+            ``max_consecutive_failures`` (1000): samples or shards in a row that fail before
+            ``SampleFailures`` names the first of them.
     """
     if min(seed, epoch) < 0 or batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need seed, epoch >= 0, batch_size >= 1 and 0 <= rank < world_size; got "
                          f"{seed=}, {epoch=}, {batch_size=}, {rank=}, {world_size=}")
-    url_list, workers = shard_urls(urls), max(1, num_workers)
+    url_list, workers, options = shard_urls(urls), max(1, num_workers), _Reading(**reading)
     if not resampled and len(url_list) < workers * world_size:
         raise ValueError(f"{len(url_list)} shards cannot feed {workers} workers x {world_size} ranks without "
                          "resampling: use resampled=True, fewer workers, or more (smaller) shards")
@@ -419,11 +354,11 @@ def build_train_loader(
     build = functools.partial(
         _train_pipeline, urls=url_list, transform=MultiCrop(crops, draft=draft), batch_size=batch_size,
         worker_batches=worker_batches, seed=seed, rank=rank, world_size=world_size, workers=workers,
-        start_batch=start_batch, shuffle_buffer=shuffle_buffer, resampled=resampled, open_attempts=open_attempts,
-        retry_delay_s=retry_delay_s, stall_timeout_s=stall_timeout_s,
+        start_batch=start_batch, shuffle_buffer=shuffle_buffer, resampled=resampled, reading=options,
     )
-    return ShardLoader(build, epoch=epoch, num_batches=worker_batches * workers,
-                       global_batch_size=batch_size * world_size, num_workers=num_workers, pin_memory=pin_memory)
+    return TrainLoader(build, epoch=epoch, num_batches=worker_batches * workers,
+                       global_batch_size=batch_size * world_size, num_workers=num_workers, pin_memory=pin_memory,
+                       read_timeout_s=options.read_timeout_s)
 
 
 def _eval_sample(sample: dict, image_size: int) -> tuple[torch.Tensor, int, str]:
@@ -435,6 +370,29 @@ def _collate_eval(samples: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.T
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys)
 
 
+def _eval_pipeline(_epoch: int, board: ReadBoard, *, urls: list[str], image_size: int, batch_size: int, rank: int,
+                   world_size: int, reading: _Reading) -> wds.DataPipeline:
+    guard = FailureGuard(reading.max_consecutive_failures)
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.pipelinefilter(_split_by_rank)(rank, world_size),
+        wds.split_by_worker,
+        *_read_samples(guard, reading, board),
+        wds.pipelinefilter(guard.decode)(functools.partial(_eval_sample, image_size=image_size)),
+        wds.batched(batch_size, collation_fn=_collate_eval, partial=True),
+    )
+
+
+def _eval_batches(urls: list[str], batch_size: int, workers: int, rank: int, world_size: int) -> int | None:
+    """Batches this rank's evaluation loader yields, from the manifests (None without them): shards
+    go to ranks then workers round-robin, and each worker ends with a partial batch."""
+    try:
+        mine = sample_counts(urls)[rank::world_size]
+    except (OSError, ValueError, KeyError):
+        return None
+    return sum(math.ceil(sum(mine[worker::workers]) / batch_size) for worker in range(workers))
+
+
 def build_eval_loader(
     urls: str,
     *,
@@ -443,24 +401,18 @@ def build_eval_loader(
     num_workers: int,
     rank: int = 0,
     world_size: int = 1,
-    open_attempts: int = 3,
-    retry_delay_s: float = 1.0,
-    stall_timeout_s: float = 30.0,
-) -> torch.utils.data.DataLoader:
+    **reading: Any,
+) -> ShardLoader:
     """Evaluation batches ``(images float [B,3,S,S] normalized, cls LongTensor[B], keys)``.
 
     No augmentation and no resampling: shards are split by rank then worker in listed order,
     so every sample is seen exactly once over ranks x workers (the last batches are partial;
     with fewer shards than ranks x workers some workers yield nothing). Corrupt samples are
-    skipped with a warning.
+    skipped with a warning; ``reading`` takes the options of ``build_train_loader``.
     """
-    counter = SkipCounter()
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(shard_urls(urls)),
-        wds.pipelinefilter(_split_by_rank)(rank, world_size),
-        wds.split_by_worker,
-        *_read_samples(counter, open_attempts, retry_delay_s, stall_timeout_s),
-        wds.map(functools.partial(_eval_sample, image_size=image_size), handler=counter),
-        wds.batched(batch_size, collation_fn=_collate_eval, partial=True),
-    )
-    return torch.utils.data.DataLoader(pipeline, batch_size=None, shuffle=False, num_workers=num_workers)
+    url_list, options = shard_urls(urls), _Reading(**reading)
+    build = functools.partial(_eval_pipeline, urls=url_list, image_size=image_size, batch_size=batch_size,
+                              rank=rank, world_size=world_size, reading=options)
+    num_batches = _eval_batches(url_list, batch_size, max(1, num_workers), rank, world_size)
+    return ShardLoader(build, epoch=0, num_batches=num_batches, num_workers=num_workers, pin_memory=False,
+                       read_timeout_s=options.read_timeout_s)
