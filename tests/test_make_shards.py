@@ -414,3 +414,49 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     assert main(argv) == 0
     assert {n: (tmp_path / "out" / n).stat().st_mtime_ns for n in finished} == finished
     assert check_accounting(tmp_path / "out", num_inputs=len(expected)).keys() == expected.keys()
+
+
+def test_output_inside_the_source_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_imagefolder(tmp_path / "train", {"a": 2, "b": 2})
+    for out in [tmp_path / "train" / "shards", tmp_path / "train", tmp_path / "train" / "a" / "deep" / ".." / "x"]:
+        with pytest.raises(ConversionError, match="is inside the source folder"):
+            convert(tmp_path / "train", out, ConvertOptions(), progress=False)
+        assert not out.exists() or out == tmp_path / "train"
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "train"), str(tmp_path / "train" / "shards")])
+    assert exit_info.value.code == 2 and "is inside the source folder" in capsys.readouterr().err
+    convert(tmp_path / "train", tmp_path / "train-shards", ConvertOptions(), progress=False)  # a sibling is fine
+
+
+KILL_ON_ONE_INPUT = """
+import os, signal, sys
+from smog_scale.data import make_shards
+target, real_encode = open(os.environ["KILL_ON"], "rb").read(), make_shards.encode_jpeg
+def encode_or_die(data, max_side=None):
+    if data == target:  # in a worker process: as the out-of-memory killer does
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_encode(data, max_side)
+make_shards.encode_jpeg = encode_or_die
+sys.exit(make_shards.main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_worker_ends_the_run_naming_its_input_then_resume_works(tmp_path: Path) -> None:
+    """A multiprocessing.Pool waits forever for a SIGKILLed worker's shard; the converter now ends
+    with one line naming the input, keeps the complete shards, and a rerun finishes the job."""
+    expected = make_imagefolder(tmp_path / "train", {"a": 6, "b": 6})
+    victim = tmp_path / "train" / "b" / "img_4.JPEG"
+    argv = [str(tmp_path / "train"), str(tmp_path / "out"), "--samples-per-shard", "2", "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KILL_ON": str(victim)}
+    killed = subprocess.run([sys.executable, "-c", KILL_ON_ONE_INPUT, *argv], env=env, capture_output=True, text=True,
+                            timeout=120)
+    lines = killed.stderr.strip().splitlines()
+    assert killed.returncode == 1 and len(lines) == 1, killed.stderr[-3000:]
+    assert lines[0].startswith("smog-make-shards: error: a converter worker process died abruptly (killed: out of "
+                               f"memory?) while converting {victim} (for shard-0000"), lines[0]
+    assert "rerun the same command to resume" in lines[0]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tar")}
+    assert main(argv) == 0
+    assert all((tmp_path / "out" / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
+    assert check_accounting(tmp_path / "out", num_inputs=len(expected)).keys() == expected.keys()

@@ -12,7 +12,9 @@ last, ``manifest.json``, whose schema the training pipeline reads::
 The conversion is planned before anything is written: inputs are listed in sorted order, shuffled
 with the seed and cut into shards, so a rerun computes the same plan. Each shard is written to a
 temp file under ``OUTPUT_DIR/.make_shards/``, its outcome is recorded there, and then it is renamed
-into place, so a rerun after an interruption skips every complete shard.
+into place, so a rerun after an interruption skips every complete shard. A worker process killed
+abruptly (the out-of-memory killer) ends the conversion with one line naming the input it was
+converting (``WorkerDied``); the complete shards stay, and a rerun resumes.
 
 Nothing is dropped silently: in ``report.json``, ``inputs == samples + len(skipped) + len(ignored)``.
 """
@@ -20,15 +22,17 @@ Nothing is dropped silently: in ``report.json``, ``inputs == samples + len(skipp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import io
 import json
 import multiprocessing
 import os
 import random
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,11 @@ JPEG_QUALITY = 95
 MANIFEST_FORMAT = 1
 PROGRESS_DIR = ".make_shards"  # temp shards and per-shard records: what lets a rerun resume
 _TAR_BYTES_PER_SAMPLE = 3 * 512  # headers and padding of the jpg and cls members, for --shard-size
+_INPUT_BYTES = 2048  # per worker on the board: shard name and input origin, cut to this length
+
+
+class WorkerDied(RuntimeError):
+    """A converter worker process ended abruptly; the message names the input it was converting."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,52 @@ def _read(image: InputImage) -> bytes:
     return data
 
 
+class _WorkerBoard:
+    """What each worker process is converting, in shared memory: SIGKILL (the out-of-memory killer)
+    cannot be caught, so the main process reads there which input a dead worker was on.
+
+    Each worker takes a slot in the pool's initializer. A worker that the pool itself terminates
+    (after another one died) clears its slot on SIGTERM, so the slots still marked after the pool
+    has shut down are the workers that died abruptly.
+    """
+
+    current: tuple[_WorkerBoard, int] | None = None  # in a worker process: its board and slot
+
+    def __init__(self, workers: int) -> None:
+        context = multiprocessing.get_context()
+        self._inputs = context.RawArray("c", workers * _INPUT_BYTES)
+        self._taken = context.Value("i", 0)
+
+    def init_worker(self) -> None:
+        """The pool's ``initializer``: take a slot; on SIGTERM clear it and exit."""
+        with self._taken.get_lock():
+            slot, self._taken.value = self._taken.value, self._taken.value + 1
+        _WorkerBoard.current = (self, slot)
+
+        def terminated(signum: int, _frame: object) -> None:
+            self.mark(slot, "")
+            os._exit(128 + signum)
+
+        signal.signal(signal.SIGTERM, terminated)
+
+    def mark(self, slot: int, text: str) -> None:
+        data = text.encode(errors="replace")[: _INPUT_BYTES - 1]
+        self._inputs[slot * _INPUT_BYTES:slot * _INPUT_BYTES + len(data) + 1] = data + b"\0"
+
+    def marked(self) -> list[str]:
+        raw = self._inputs.raw
+        texts = (raw[i:i + _INPUT_BYTES].split(b"\0", 1)[0].decode(errors="replace")
+                 for i in range(0, len(raw), _INPUT_BYTES))
+        return [text for text in texts if text]
+
+
+def _converting(task: ShardTask, image: InputImage | None) -> None:
+    """Mark, in a worker process, the input it starts on (None: between inputs)."""
+    if _WorkerBoard.current is not None:
+        board, slot = _WorkerBoard.current
+        board.mark(slot, f"{image.origin} (for {task.name})" if image is not None else "")
+
+
 def write_shard(task: ShardTask) -> dict[str, Any]:
     """Write one shard atomically and return its record (also saved for a resumed run)."""
     progress = Path(task.out_dir) / PROGRESS_DIR
@@ -155,6 +210,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     with open(tmp, "wb") as stream:
         with wds.TarWriter(stream, mtime=0, format="PAX_FORMAT") as sink:
             for image in task.images:
+                _converting(task, image)
                 try:
                     encoded = encode_jpeg(_read(image), task.max_side)
                 # PIL raises many types on damaged data (OSError, SyntaxError, ValueError, struct.error,
@@ -169,6 +225,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
                     record["converted"].append({"path": image.origin, "from": encoded.converted_from})
         stream.flush()
         os.fsync(stream.fileno())
+    _converting(task, None)
     _write_json(progress / f"{task.name}.json", {**record, "fingerprint": task.fingerprint})
     os.replace(tmp, Path(task.out_dir) / task.name)
     return record
@@ -204,11 +261,28 @@ def _finished_records(out_dir: Path, fingerprint: str) -> dict[str, dict[str, An
     return records
 
 
-def _worker_pool(workers: int, num_tasks: int) -> contextlib.AbstractContextManager[Any]:
-    """A process pool, or ``None`` when one process does: shards are then written in this process."""
-    if workers <= 1 or num_tasks <= 1:
-        return contextlib.nullcontext()
-    return multiprocessing.get_context().Pool(min(workers, num_tasks))
+def _write_all(tasks: list[ShardTask], workers: int) -> Iterator[dict[str, Any]]:
+    """The records of ``tasks`` as they complete: in this process, or in a pool of ``workers`` processes.
+
+    A pool whose worker dies abruptly raises ``BrokenProcessPool`` for the pending shards (a
+    ``multiprocessing.Pool`` would wait for them forever); that becomes ``WorkerDied`` naming the
+    input, after the pool has shut down.
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(write_shard, tasks)
+        return
+    board = _WorkerBoard(min(workers, len(tasks)))
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), initializer=board.init_worker)
+    try:
+        yield from (future.result() for future in as_completed([pool.submit(write_shard, t) for t in tasks]))
+    except BrokenProcessPool:
+        pool.shutdown(wait=True)  # every worker joined: only the slots of those that died abruptly are marked
+        inputs = "; ".join(board.marked()) or "an input (it died between two)"
+        raise WorkerDied(f"a converter worker process died abruptly (killed: out of memory?) while converting "
+                         f"{inputs}; complete shards are kept, rerun the same command to resume (with fewer "
+                         "--workers, or --max-side, if memory is short)") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error here, shards not yet started are not
 
 
 def _manifest_options(source: Path, options: ConvertOptions) -> dict[str, Any]:
@@ -256,9 +330,13 @@ def _write_outputs(
 def convert(source: Path, out_dir: Path, options: ConvertOptions, progress: bool = True) -> dict[str, Any]:
     """Convert SOURCE into shards in ``out_dir``, resuming an earlier run of the same plan.
 
-    Returns the manifest. Raises ``ConversionError`` for an undetectable or empty source and for an
-    ``out_dir`` that holds another conversion's shards.
+    Returns the manifest. Raises ``ConversionError`` for an undetectable or empty source, an ``out_dir``
+    inside the source folder or holding another conversion's shards, and ``WorkerDied`` when a worker
+    process is killed.
     """
+    if source.is_dir() and out_dir.resolve().is_relative_to(source.resolve()):
+        raise ConversionError(f"the output folder {out_dir} is inside the source folder {source}: a rerun would "
+                              "read its shards as input; write the shards elsewhere")
     classes = read_class_list(options.classes) if options.classes else None
     inventory = scan_source(source, options.labels, classes)
     if not inventory.images:
@@ -277,12 +355,8 @@ def convert(source: Path, out_dir: Path, options: ConvertOptions, progress: bool
         if name not in done
     ]
     total = sum(len(t.images) for t in tasks)
-    # the pool starts (forks) before tqdm starts its monitor thread
-    with (
-        _worker_pool(options.workers, len(tasks)) as pool,
-        tqdm(total=total, unit="img", disable=None if progress else True) as bar,  # None: off unless a TTY
-    ):
-        for record in pool.imap_unordered(write_shard, tasks) if pool else map(write_shard, tasks):
+    with tqdm(total=total, unit="img", disable=None if progress else True) as bar:  # None: off unless a TTY
+        for record in _write_all(tasks, options.workers):
             done[record["name"]] = record
             bar.update(len(record["skipped"]) + record["samples"])
     return _write_outputs(out_dir, source, inventory, [done[name] for name in names], options)
@@ -380,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = convert(args.source, args.out_dir, options)
     except ConversionError as exc:
         parser.error(str(exc))
+    except WorkerDied as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
     print(
         f"wrote {manifest['num_samples']} samples of {len(manifest['classes'])} classes in "
         f"{len(manifest['shards'])} shards to {args.out_dir}; skipped {manifest['skipped']} "
