@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +21,19 @@ from accelerate import Accelerator
 from gloo import run_on_ranks
 from PIL import Image
 
-from smog_scale.evaluate import (LinearProbe, extract_features, group_assignments, group_quality, knn_evaluate,
-                                 knn_neighbors, knn_vote, probe_accuracy, shuffled_batches, train_linear_probe)
+from smog_scale.data.shards import build_eval_loader
+from smog_scale.evaluate import (
+    LinearProbe,
+    extract_features,
+    group_assignments,
+    group_quality,
+    knn_evaluate,
+    knn_neighbors,
+    knn_vote,
+    probe_accuracy,
+    shuffled_batches,
+    train_linear_probe,
+)
 from smog_scale.export import export_timm
 from smog_scale.plots import plot_group_quality
 
@@ -210,11 +224,51 @@ def test_knn_tool_on_export_and_random_init(tiny, capsys):
     assert record["image_size"] == 32
 
 
-def test_knn_tool_missing_shards_exit_2(tiny, capsys):
+@pytest.mark.parametrize("tool", ["knn_eval.py", "linear_eval.py"])
+@pytest.mark.parametrize("mistyped", ["--train-shards", "--val-shards"])
+def test_tools_check_every_shard_argument_before_any_work(tiny, capsys, caplog, tool, mistyped):
+    """A mistyped shard path ends at once with one line naming it: no retries of a local file that does
+    not exist, no loader traceback, and no train features extracted before the val shards are found."""
+    root, train, val = tiny
+    shards = {"--train-shards": train, "--val-shards": val, mistyped: str(root / "val" / "vall-000000.tar")}
+    code = run_tool(tool, [str(root / "export"), *(x for item in shards.items() for x in item), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [err.strip()], err
+    assert err.startswith(f"{tool[:-3]}: error: 1 of 1 shards of '{root}/val/vall-000000.tar' cannot be read: ")
+    assert "does not exist" in err and "num_samples" not in err and "features" not in err
+    assert not [r for r in caplog.records if "attempt" in r.getMessage()]  # no retry of a local path
+
+
+def test_tools_name_a_folder_without_manifest_without_advising_a_flag(tiny, tmp_path, capsys):
     root, train, _ = tiny
-    code = run_tool("knn_eval.py", [str(root / "export"), "--train-shards", train, "--workers", "0",
-                                    "--val-shards", str(root / "val" / "missing-000000.tar")])
-    assert code == 2 and "missing-000000.tar" in capsys.readouterr().err
+    code = run_tool("knn_eval.py", [str(root / "export"), "--train-shards", train, "--val-shards", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"knn_eval: error: no manifest.json at {tmp_path}/manifest.json (the " \
+                                        "converter, tools/make_shards.py, writes one)", err
+
+
+def test_tool_ends_with_one_line_when_a_worker_cannot_open_a_shard(tiny):
+    """A pipe: shard that fails only shows in a loader worker: the tool prints the error on one line and
+    exits; its workers (which ignore SIGTERM) are shut down with the error, so the exit does not hang."""
+    root, _, val = tiny
+    failing = "pipe:echo no such bucket >&2; exit 3"
+    command = [sys.executable, str(TOOLS / "knn_eval.py"), str(root / "export"), "--train-shards", failing,
+               "--val-shards", val, "--workers", "2"]
+    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(TOOLS.parent)}, capture_output=True,
+                          text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("knn_eval: error:")]
+    assert done.returncode == 2 and errors == [f"knn_eval: error: cannot open shard '{failing}' after 3 attempts: "
+                                               f"{errors[0].split('attempts: ')[-1]}"], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_feature_extraction_shows_the_total_from_the_manifests(tiny, capsys):
+    _, _, val = tiny  # 2 shards of 6 samples, one per worker: 2 batches of at most 5 each
+    loader = build_eval_loader(val, image_size=8, batch_size=5, num_workers=2)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    feats, _ = extract_features(model, loader, Accelerator(cpu=True), desc="val features")
+    err = capsys.readouterr().err
+    assert feats.shape == (12, 4) and "val features: 100%" in err and "| 4/4 [" in err, err
 
 
 @pytest.mark.parametrize("mode", ["--cache-features", "--no-cache"])

@@ -7,7 +7,9 @@ own train features (in blocks, never a val x train matrix); the candidates are m
 
 SOURCE is a folder written by tools/export_timm.py, a run folder (newest complete checkpoint) or a
 checkpoint directory. --random-init evaluates the same architecture untrained (the baseline the
-pretrained number must beat). Exit code 2 on bad input (missing files, shards or keys that do not fit).
+pretrained number must beat). Every shard argument and the model are checked before any work. Bad
+input ends with one line and exit code 2: missing files, missing, empty or non-tar shards, keys that
+do not fit, or a shard that fails while read.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from smog_scale.data.shards import ShardOpenError
+from smog_scale.data.shards import ShardError, check_shards
 from smog_scale.evaluate import KNN_K, KNN_TEMPERATURE, knn_evaluate, shard_features
 from smog_scale.export import CheckpointError, load_eval_backbone
 
@@ -48,15 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    accelerator = Accelerator()
     try:
+        for urls in (args.train_shards, args.val_shards):  # both, before the model and any extraction
+            check_shards(urls)
         model = load_eval_backbone(args.source, args.which, args.random_init)
+        accelerator = Accelerator()
         backbone = model.module.to(accelerator.device)
         options = dict(image_size=args.image_size or model.image_size, batch_size=args.batch_size,
                        num_workers=args.workers)
         train = shard_features(backbone, args.train_shards, accelerator, desc="train features", **options)
         val = shard_features(backbone, args.val_shards, accelerator, desc="val features", **options)
-    except (CheckpointError, ShardOpenError, FileNotFoundError) as err:
+    except (CheckpointError, ShardError, OSError, ValueError) as err:
         print(f"knn_eval: error: {err}", file=sys.stderr)
         return 2
     result = knn_evaluate(*train, *val, k=args.k, temperature=args.temperature)

@@ -11,7 +11,9 @@ which makes lr sweeps cheap, but it drops the per-epoch random-resized-crop augm
 numbers are not the standard protocol's; use it to pick the lr, then run once without it.
 
 Multi-process through Accelerate (each process reads its share; DDP averages the gradients).
-Exit code 2 on bad input (missing files or shards, keys that do not fit, a batch that does not split).
+Every shard argument and the model are checked before any work. Bad input ends with one line and
+exit code 2: missing files, missing, empty or non-tar shards, keys that do not fit, a batch that does
+not split, too few samples, or a shard that fails while read.
 """
 
 from __future__ import annotations
@@ -19,16 +21,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable
 
 from accelerate import Accelerator
 
 from smog_scale import dist
-from smog_scale.data.shards import ShardOpenError, build_train_loader, read_manifest
-from smog_scale.evaluate import (Batches, LinearProbe, backbone_batches, probe_accuracy, probe_train_crop,
-                                 shard_features, shuffled_batches, train_linear_probe)
+from smog_scale.data.shards import ShardError, build_train_loader, check_shards, read_manifest
+from smog_scale.evaluate import (
+    Batches,
+    LinearProbe,
+    backbone_batches,
+    probe_accuracy,
+    probe_train_crop,
+    shard_features,
+    shuffled_batches,
+    train_linear_probe,
+)
 from smog_scale.export import CheckpointError, EvalBackbone, load_eval_backbone
 
 
@@ -113,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.batch_size % dist.world_size():
             raise ValueError(f"--batch-size {args.batch_size} does not split over {dist.world_size()} processes")
+        for urls in (args.train_shards, args.val_shards):  # both, before the model and any extraction
+            check_shards(urls)
         model = load_eval_backbone(args.source, args.which, args.random_init)
         model.module.to(accelerator.device).requires_grad_(False)
         val_feats, val_labels = shard_features(model.module, args.val_shards, accelerator,
@@ -123,13 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         epoch_batches, steps = _train_batches(args, model, accelerator)
         if steps < 1:
             raise ValueError(f"the train shards hold less than one batch of {args.batch_size} per epoch")
-    except (CheckpointError, ShardOpenError, FileNotFoundError, ValueError) as err:
+        probe = LinearProbe(val_feats.shape[1], _num_classes(args.train_shards, int(val_labels.max())), len(args.lr))
+        train_linear_probe(probe, accelerator, epoch_batches, epochs=args.epochs, steps_per_epoch=steps,
+                           lrs=[lr * args.batch_size / 256 for lr in args.lr], momentum=args.momentum,
+                           weight_decay=args.weight_decay)
+    except (CheckpointError, ShardError, OSError, ValueError) as err:
         print(f"linear_eval: error: {err}", file=sys.stderr)
         return 2
-    probe = LinearProbe(val_feats.shape[1], _num_classes(args.train_shards, int(val_labels.max())), len(args.lr))
-    train_linear_probe(probe, accelerator, epoch_batches, epochs=args.epochs, steps_per_epoch=steps,
-                       lrs=[lr * args.batch_size / 256 for lr in args.lr], momentum=args.momentum,
-                       weight_decay=args.weight_decay)
     results = probe_accuracy(probe, val_feats, val_labels)
     if accelerator.is_main_process:
         _report(args, model, results)

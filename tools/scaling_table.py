@@ -1,4 +1,4 @@
-"""The grouping's memory and traffic at scale, on paper: ``python tools/scaling_table.py [--recipe R] [--budget-gib G]``.
+"""The grouping's memory and traffic at scale, on paper: ``python tools/scaling_table.py [--recipe R] [--worlds W]``.
 
 Prints Markdown tables of what the feature cache, the periodic k-means (``gather`` vs ``sharded``,
 as ``smog_scale.kmeans`` implements them) and the per-step group update cost per rank, as functions
@@ -31,14 +31,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from smog_scale import config
 
 ROOT = Path(__file__).resolve().parent.parent
 
+DEFAULT_WORLDS = (8, 64, 512)
 GLOBAL_VIEWS = 2  # views a, b: labels from the momentum features, assignments from the online ones
 
 
@@ -106,8 +108,8 @@ def group_update(s: Setup, world: int) -> StepCost:
 
 def traffic_crossover(s: Setup, limit: int = 1 << 20) -> int | None:
     """Smallest W at which ``gather``'s busiest rank receives more than ``sharded``'s."""
-    return next((w for w in range(2, limit) if gather_kmeans(s, w).received_bytes > sharded_kmeans(s, w).received_bytes),
-                None)
+    return next((w for w in range(2, limit)
+                 if gather_kmeans(s, w).received_bytes > sharded_kmeans(s, w).received_bytes), None)
 
 
 def memory_crossover(s: Setup, budget: float, limit: int = 1 << 20) -> int | None:
@@ -183,7 +185,7 @@ def tables(s: Setup, worlds: Sequence[int], budget: float, params: int | None) -
     for world in worlds:
         step = group_update(s, world)
         ddp = human_bytes(ring_allreduce(params * s.value_bytes, world)) if params else "n/a"
-        lines.append(f"| {world} | {s.global_batch / world:g} | {human_bytes(cache_bytes(s))} | "
+        lines.append(f"| {world} | {s.global_batch // world} | {human_bytes(cache_bytes(s))} | "
                      f"{human_bytes(step.payload_bytes)} | {human_bytes(step.received_bytes)} | "
                      f"{human_count(step.label_macs)} | {ddp} |")
     traffic, memory = traffic_crossover(s), memory_crossover(s, budget)
@@ -200,19 +202,63 @@ def tables(s: Setup, worlds: Sequence[int], budget: float, params: int | None) -
     return "\n".join(lines)
 
 
+def recipe_path(name: str) -> Path:
+    """A recipe file, or the name of one in ``recipes/`` (``demo_cpu`` or ``demo_cpu.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    named = ROOT / "recipes" / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if named.is_file():
+        return named
+    known = ", ".join(sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")))
+    raise config.ConfigError(f"no recipe {name!r}: give a recipe file or one of {known}")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of GPUs, got {text}")
+    return value
+
+
+def launch_error(cfg: config.Config, world: int) -> str | None:
+    """Why the trainer refuses this recipe on ``world`` GPUs (a batch that does not split, K above the
+    caches), or None."""
+    try:
+        config.derive(cfg, world, num_samples=cfg.optim.global_batch_size * max(1, cfg.data.num_workers))
+    except config.ConfigError as err:
+        return str(err)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "r50_800ep.yaml"),
-                        help="recipe whose grouping sizes are used (default: r50_800ep, global batch 4096)")
-    parser.add_argument("--worlds", type=int, nargs="+", default=[8, 64, 512], help="world sizes (GPUs)")
+    parser.add_argument("--recipe", default="r50_800ep", help="recipe file or name in recipes/ whose sizes are used "
+                                                              "(default: r50_800ep, global batch 4096)")
+    parser.add_argument("--worlds", type=positive_int, nargs="+", metavar="W",
+                        help=f"world sizes (GPUs); default: those of {DEFAULT_WORLDS} the recipe can run on")
     parser.add_argument("--budget-gib", type=float, default=4.0,
                         help="GPU memory k-means may take beside training (default 4 GiB: an 80 GB GPU keeps "
                              "the model, optimizer state and the allocator's cached activations resident)")
     parser.add_argument("--no-reference", action="store_true", help="skip the DDP gradient reference column")
     args = parser.parse_args(argv)
-    cfg = config.load(args.recipe, [])
+    try:
+        cfg = config.load(recipe_path(args.recipe), [])
+    except config.ConfigError as err:
+        print(f"scaling_table: error: {err}", file=sys.stderr)
+        return 2
+    refused = {world: launch_error(cfg, world) for world in args.worlds or DEFAULT_WORLDS}
+    if args.worlds and any(refused.values()):
+        print(f"scaling_table: error: {next(e for e in refused.values() if e)}", file=sys.stderr)
+        return 2
+    worlds = [world for world, error in refused.items() if error is None]
+    if not worlds:
+        print(f"scaling_table: error: {refused[DEFAULT_WORLDS[0]]}; pass --worlds", file=sys.stderr)
+        return 2
     params = None if args.no_reference else trainable_params(cfg)
-    print(tables(setup_from(cfg), args.worlds, args.budget_gib * 2**30, params))
+    print(tables(setup_from(cfg), worlds, args.budget_gib * 2**30, params))
+    if len(worlds) < len(refused):
+        print(f"\n(Not shown, the trainer refuses them: {'; '.join(e for e in refused.values() if e)}.)")
     return 0
 
 
