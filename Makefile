@@ -1,11 +1,11 @@
 # make demo: install into .venv, then the whole pipeline on the built-in demo data (CPU, minutes).
-# make test: install into .venv, then the whole test suite (what CI runs).
+# make test: install into .venv, then lint (ruff), type check (mypy) and the whole test suite (what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_out
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint test bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ install: $(VENV)/.installed
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/demo.sh $(DEMO_DIR)
 
-test: install
+lint: install
+	$(PY) -m ruff check smog_scale tools
+	$(PY) -m mypy smog_scale tools
+
+test: lint
 	$(PY) -m pytest -n 2 --durations=15
 
 bench: install
