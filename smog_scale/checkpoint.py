@@ -3,7 +3,8 @@
 Layout of ``<output_dir>/checkpoints/step_00001234/``: Accelerate's files (model weights as
 safetensors, optimizer, per-rank RNG states), ``smog.safetensors`` (the groups G),
 ``cache_rank{r}.safetensors`` (each rank's feature cache, and its copy of G for auditing:
-Accelerate writes registered objects from the main process only) and ``trainer_state.json`` (step, samples seen, counters, world size).
+Accelerate writes registered objects from the main process only) and ``trainer_state.json`` (step,
+samples seen, counters, world size).
 Everything is written into ``.tmp-step_...`` first and renamed when complete, so a crash during a
 save never leaves a directory that looks complete; a write that fails (a full disk) removes the temp
 directory and raises ``CheckpointError`` naming the newest complete checkpoint. Nothing is unpickled

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -186,7 +187,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> Config:
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Recipe YAML, then ``dotted.key=value`` overrides (values parsed as YAML), validated."""
     path = Path(path)
     if not path.is_file():
@@ -235,7 +236,8 @@ def validate(config: Config) -> None:
         (config.data.read_timeout_s == 0 or config.data.read_timeout_s > _longest_open(config.data),
          f"data.read_timeout_s={config.data.read_timeout_s:g} must be 0 (no timeout) or exceed a shard's longest "
          f"open, data.open_attempts x data.stall_timeout_s + the retry delays = {_longest_open(config.data):g} s"),
-        (config.monitor.knn_every_epochs == 0 or bool(config.monitor.knn_train_shards and config.monitor.knn_val_shards),
+        (config.monitor.knn_every_epochs == 0
+         or bool(config.monitor.knn_train_shards and config.monitor.knn_val_shards),
          "monitor.knn_every_epochs needs monitor.knn_train_shards and monitor.knn_val_shards"),
     ]
     for ok, message in checks:

@@ -18,8 +18,9 @@ Accuracies are percentages.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -162,10 +163,11 @@ class LinearProbe(nn.Module):
     def __init__(self, dim: int, num_classes: int, num_heads: int = 1) -> None:
         super().__init__()
         self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads))
-        for head in self.heads:  # MoCo v3 / DINO initialization
+        heads = [nn.Linear(dim, num_classes) for _ in range(num_heads)]
+        for head in heads:  # MoCo v3 / DINO initialization
             nn.init.normal_(head.weight, std=0.01)
             nn.init.zeros_(head.bias)
+        self.heads = nn.ModuleList(heads)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """Logits [H, B, C] of features [B, D]."""

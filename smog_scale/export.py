@@ -23,7 +23,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import timm
 import torch
@@ -118,9 +118,9 @@ def read_state(ckpt: Checkpoint, prefix: str = "") -> tuple[dict[str, torch.Tens
                               f"(or DeepSpeed's {_DEEPSPEED_TAG}/ folder)")
     try:
         with safe_open(str(file), framework="pt") as handle:
-            stored = list(handle.keys())
-            wrapped = bool(stored) and all(k.startswith(_DDP_PREFIX) for k in stored)
-            names = {k.removeprefix(_DDP_PREFIX) if wrapped else k: k for k in stored}
+            keys = list(handle.keys())
+            wrapped = bool(keys) and all(k.startswith(_DDP_PREFIX) for k in keys)
+            names = {k.removeprefix(_DDP_PREFIX) if wrapped else k: k for k in keys}
             tensors = {k[len(prefix):]: handle.get_tensor(s) for k, s in names.items() if k.startswith(prefix)}
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{file}: not a readable safetensors file: {err}") from err
@@ -199,16 +199,17 @@ def load_groups(ckpt: Checkpoint) -> torch.Tensor:
 
 def input_side(backbone: nn.Module, backbone_kwargs: dict[str, Any], trained_side: int) -> int:
     """Evaluation input side: the training crop size, unless the model has a fixed input size (Swin)."""
-    if not backbone.pretrained_cfg.get("fixed_input_size", False):
+    defaults = cast(dict[str, Any], backbone.pretrained_cfg)  # timm's, a plain dict
+    if not defaults.get("fixed_input_size", False):
         return trained_side
-    size = backbone_kwargs.get("img_size", backbone.pretrained_cfg["input_size"][1:])
+    size = backbone_kwargs.get("img_size", defaults["input_size"][1:])
     return int(size if isinstance(size, int) else size[-1])
 
 
 def timm_config(backbone: nn.Module, arch: str, backbone_kwargs: dict[str, Any], trained_side: int,
                 interpolation: str, smog: dict[str, Any]) -> dict[str, Any]:
     """config.json in timm's hub format (what ``local-dir:`` reads) plus the ``smog`` section."""
-    defaults = backbone.pretrained_cfg
+    defaults = cast(dict[str, Any], backbone.pretrained_cfg)  # timm's, a plain dict
     side = input_side(backbone, backbone_kwargs, trained_side)
     pretrained_cfg = {
         "input_size": [3, side, side], "interpolation": interpolation, "crop_pct": EVAL_CROP_PCT,
@@ -216,7 +217,7 @@ def timm_config(backbone: nn.Module, arch: str, backbone_kwargs: dict[str, Any],
         "first_conv": defaults.get("first_conv"), "classifier": defaults.get("classifier"),
         "fixed_input_size": bool(defaults.get("fixed_input_size", False)),
     }
-    return {"architecture": arch, "num_classes": 0, "num_features": int(backbone.num_features),
+    return {"architecture": arch, "num_classes": 0, "num_features": cast(int, backbone.num_features),
             "model_args": dict(backbone_kwargs), "pretrained_cfg": pretrained_cfg, "smog": smog}
 
 
@@ -326,7 +327,7 @@ def load_eval_backbone(source: str | Path, which: Encoder = "online", random_ini
         arch, kwargs, size = ckpt.model_config.backbone, ckpt.model_config.backbone_kwargs, ckpt.image_size
         module = None if random_init else getattr(load_model(ckpt), which).backbone  # strict, nothing dropped
         trained = f"{ckpt.path} ({which} encoder, step {ckpt.step})"
-    if random_init:
+    if module is None:  # random_init
         torch.manual_seed(0)
         module = build_backbone(arch, **kwargs).eval()
     size = input_side(module, kwargs, size)

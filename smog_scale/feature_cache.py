@@ -13,6 +13,11 @@ import torch
 class FeatureCache(torch.nn.Module):
     """Ring buffer of ``capacity`` rows of ``dim`` features plus the sample id of each row."""
 
+    feats: torch.Tensor  # the buffers registered below, declared for the type checker
+    ids: torch.Tensor
+    ptr: torch.Tensor
+    filled: torch.Tensor
+
     def __init__(self, capacity: int, dim: int) -> None:
         super().__init__()
         if capacity < 1:

@@ -118,8 +118,8 @@ def fit(
         result = result._replace(centroids=dist.broadcast(result.centroids))
     else:
         union = dist.gather_cat(x)  # only rank 0 holds the union
-        result = _cluster(union, k, total_rows, options, sync=False) if union is not None else None
-        result = _broadcast_result(result, k, x)
+        local = _cluster(union, k, total_rows, options, sync=False) if union is not None else None
+        result = _broadcast_result(local, k, x)
     empty = int((result.sizes == 0).sum())
     if empty:
         raise ValueError(

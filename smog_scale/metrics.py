@@ -45,7 +45,7 @@ class RunLog:
     steps; between log steps nothing is synchronized.
     """
 
-    def __init__(self, state: "TrainState") -> None:
+    def __init__(self, state: TrainState) -> None:
         from tqdm.auto import tqdm
 
         self.accelerator = state.accelerator
@@ -65,12 +65,12 @@ class RunLog:
         self.waited += seconds
 
     def _write(self, record: dict[str, Any], step: int) -> None:
-        if self.main:
+        if self.jsonl is not None:  # the main process's
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
         self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
-    def step(self, state: "TrainState", metrics: dict[str, torch.Tensor]) -> None:
+    def step(self, state: TrainState, metrics: dict[str, torch.Tensor]) -> None:
         from smog_scale import dist
 
         step = state.global_step
@@ -93,7 +93,7 @@ class RunLog:
         self._write({"step": step, "event": name, **values}, step)
         self.message(f"step {step} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
 
-    def regroup(self, state: "TrainState", result: Any) -> None:
+    def regroup(self, state: TrainState, result: Any) -> None:
         sizes = result.sizes.float()
         record = {"step": state.global_step, "event": "regroup", "regroup/empty_reseeded": int(result.num_reseeded),
                   "regroup/largest_cluster": int(sizes.max()), "regroup/smallest_cluster": int(sizes.min()),

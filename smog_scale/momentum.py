@@ -24,7 +24,8 @@ def _check_pair(online: nn.Module, momentum: nn.Module) -> None:
 @torch.no_grad()
 def ema_update(online: nn.Module, momentum: nn.Module, m: float) -> None:
     """momentum <- m * momentum + (1 - m) * online, parameters and float buffers (BN statistics)."""
-    online_params, momentum_params = list(online.parameters()), list(momentum.parameters())
+    online_params: list[torch.Tensor] = list(online.parameters())
+    momentum_params: list[torch.Tensor] = list(momentum.parameters())
     torch._foreach_lerp_(momentum_params, online_params, 1.0 - m)
     online_float, online_other = _float_and_other_buffers(online)
     momentum_float, momentum_other = _float_and_other_buffers(momentum)
@@ -40,5 +41,5 @@ def reset(online: nn.Module, momentum: nn.Module) -> None:
     _check_pair(online, momentum)
     for target, source in zip(momentum.parameters(), online.parameters()):
         target.copy_(source)
-    for target, source in zip(momentum.buffers(), online.buffers()):
-        target.copy_(source)
+    for target_buffer, source_buffer in zip(momentum.buffers(), online.buffers()):
+        target_buffer.copy_(source_buffer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from timm.optim import Lars
 from torch import nn
@@ -15,7 +17,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     With timm's LARS a group whose weight decay is 0 also skips the trust ratio, so biases and norm
     parameters get neither, as in BYOL. Frozen parameters (the momentum encoder) are left out.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
@@ -32,7 +35,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
         return Lars(groups, lr=lr, momentum=cfg.momentum, trust_coeff=cfg.trust_coeff)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=lr, betas=cast(tuple[float, float], tuple(cfg.betas)))
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

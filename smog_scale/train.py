@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
@@ -69,7 +69,8 @@ def build(cfg: config.Config, accelerator: Accelerator) -> TrainState:
             derived.batch_size_per_device
     set_seed(cfg.run.seed)
     mc = cfg.model
-    model = SMoGModel(mc.backbone, mc.proj_hidden_dim, mc.proj_dim, mc.pred_hidden_dim, mc.backbone_kwargs)
+    model: torch.nn.Module = SMoGModel(mc.backbone, mc.proj_hidden_dim, mc.proj_dim, mc.pred_hidden_dim,
+                                       mc.backbone_kwargs)
     if mc.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # torch's SyncBN is CUDA-only
     if mc.channels_last:
@@ -77,7 +78,7 @@ def build(cfg: config.Config, accelerator: Accelerator) -> TrainState:
     optimizer = build_optimizer(model, cfg.optim, derived.scaled_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     if mc.compile:
-        model = torch.compile(model)
+        model = cast(torch.nn.Module, torch.compile(model))  # an OptimizedModule wrapping the model
     bank = GroupBank(cfg.grouping.num_groups, mc.proj_dim).to(accelerator.device)
     dist.broadcast(bank.groups)
     cache = FeatureCache(cfg.grouping.cache_size, mc.proj_dim).to(accelerator.device)

@@ -25,8 +25,9 @@ from __future__ import annotations
 import io
 import math
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as TF

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ class SMoGModel(nn.Module):
     ) -> None:
         super().__init__()
         trunk = build_backbone(backbone, **(backbone_kwargs or {}))
-        self.online = Encoder(trunk, projector(trunk.num_features, proj_hidden_dim, proj_dim))
+        self.online = Encoder(trunk, projector(cast(int, trunk.num_features), proj_hidden_dim, proj_dim))
         self.predictor = predictor(proj_dim, pred_hidden_dim)
         self.momentum = copy.deepcopy(self.online).requires_grad_(False)
 
