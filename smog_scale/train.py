@@ -117,16 +117,14 @@ def knn_monitor(state: TrainState, log: RunLog) -> None:
         num_workers=state.cfg.data.num_workers, rank=dist.rank(), world_size=dist.world_size(),
         **shard_reading(state.cfg))) for urls in (mon.knn_train_shards, mon.knn_val_shards)]
     backbone = acc.unwrap_model(state.model).online.backbone
-    try:  # extract_features and knn_evaluate raise alike on every rank (from gathered counts)
-        feats = [evaluate.extract_features(backbone, loader, acc, desc=f"knn monitor: {name}")
-                 for loader, name in zip(loaders, ("train", "val"))]
-        errors: list[str] = [loader.error for loader in loaders if loader.error]
-        failed = int(dist.all_reduce_sum(torch.tensor([int(bool(errors))], device=acc.device)).item())
-        result = None if failed else evaluate.knn_evaluate(*feats[0], *feats[1])
-    except ValueError as err:
+    result: dict[str, float] | None = None
+    try:  # a failing rank's loaders end early and it joins the collectives with what it read
+        result = evaluate.knn_monitor(acc, backbone, *loaders)
+        errors = [loader.error for loader in loaders if loader.error]
+    except ValueError as err:  # raised alike on every rank (from gathered counts): no sample read at all
         errors = [loader.error for loader in loaders if loader.error] or [str(err)]
-        failed, result = dist.world_size(), None
-    if result is not None:
+    failed = int(dist.all_reduce_sum(torch.tensor([int(bool(errors))], device=acc.device)).item())
+    if not failed and result is not None:
         log.event(step, "knn", result)
         return
     if errors and not acc.is_main_process:
