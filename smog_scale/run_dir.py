@@ -42,8 +42,8 @@ class RunLock:
 
     The lock is ``RUN/job.lock`` (JSON: host, pid, start time, token), created with ``O_EXCL`` (atomic,
     also on NFS v3+) and removed on release; while held, a thread refreshes its mtime every
-    ``heartbeat_s``. Staleness, after a crash that could not remove it: on the holder's own host, a
-    holder whose pid is gone is stale at once; otherwise a lock is stale once its mtime has not moved
+    ``heartbeat_s``. Staleness, after a crash that could not remove it: on the holder's own host (and pid
+    namespace), a holder whose pid is gone is stale at once; otherwise a lock is stale once its mtime has not moved
     for ``stale_after_s``, measured on the file server's clock (the mtime of a file written now), so
     clock skew between nodes does not matter. A lock neither provably stale nor seen to move is watched
     (at most ``stale_after_s``, never forever): a live holder moves it within ``heartbeat_s``, and the
@@ -53,7 +53,7 @@ class RunLock:
     def __init__(self, folder: Path, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
         self.path, self.heartbeat_s, self.stale_after_s = folder / LOCK_NAME, heartbeat_s, stale_after_s
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-                   "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                   "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid_namespace": _pid_namespace()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -117,7 +117,7 @@ class RunLock:
         age = server_then + time.monotonic() - then - mtime
         if age >= self.stale_after_s:
             return "stale", f"no heartbeat for {age:.0f} s"
-        if holder.get("host") == self.me["host"]:
+        if (holder.get("host"), holder.get("pid_namespace")) == (self.me["host"], self.me["pid_namespace"]):
             alive = _pid_alive(holder.get("pid"))
             return ("live", "") if alive else ("stale", f"pid {holder.get('pid')} is not running on this host")
         return ("live", "") if mtime != first_mtime else ("watch", "")
@@ -157,6 +157,14 @@ class RunLock:
 
 def _who(holder: dict[str, Any]) -> str:
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
+
+
+def _pid_namespace() -> str | None:
+    """Two containers may share a host name but not their pids: pids are compared within one namespace only."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _pid_alive(pid: Any) -> bool:

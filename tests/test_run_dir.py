@@ -207,17 +207,21 @@ def test_the_lock_is_released_when_training_fails(run, shards, monkeypatch):  # 
     assert not (run / run_dir.LOCK_NAME).exists()
 
 
-def _other_host(folder: Path, age_s: float) -> Path:
-    """A lock of a job on another node whose last heartbeat was ``age_s`` ago."""
+def _other_host(folder: Path, age_s: float, host: str = "node-b") -> Path:
+    """A lock of a job on another node (or in another container: another pid namespace) whose last
+    heartbeat was ``age_s`` ago."""
     lock = folder / run_dir.LOCK_NAME
-    lock.write_text(json.dumps({"host": "node-b", "pid": 1, "started": "2026-01-01T00:00:00+00:00", "token": "b"}))
+    lock.write_text(json.dumps({"host": host, "pid": 4_000_000, "started": "2026-01-01T00:00:00+00:00", "token": "b",
+                                "pid_namespace": "pid:[1]"}))
     os.utime(lock, (time.time() - age_s, time.time() - age_s))
     return lock
 
 
-def test_a_lock_of_another_node_is_judged_by_its_heartbeat(tmp_path):
-    # Its heartbeat moves: a live job, refused as soon as the move is seen.
-    lock = _other_host(tmp_path, 0.5)
+@pytest.mark.parametrize("host", ["node-b", socket.gethostname()])
+def test_a_lock_of_another_node_is_judged_by_its_heartbeat(tmp_path, host):
+    # Its heartbeat moves: a live job, refused as soon as the move is seen (its pid means nothing here,
+    # on another node or in another container's pid namespace).
+    lock = _other_host(tmp_path, 0.5, host)
     stop = threading.Event()
 
     def beat():
@@ -227,7 +231,7 @@ def test_a_lock_of_another_node_is_judged_by_its_heartbeat(tmp_path):
     beating = threading.Thread(target=beat)
     beating.start()
     try:
-        with pytest.raises(ConfigError, match="in use by another job .host node-b, pid 1, started 2026-01-01"):
+        with pytest.raises(ConfigError, match=f"in use by another job .host {host}, pid 4000000, started 2026-01-01"):
             RunLock(tmp_path, heartbeat_s=0.2, stale_after_s=30).acquire()
     finally:
         stop.set()
