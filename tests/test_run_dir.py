@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from gloo import run_on_ranks
 from test_train import ROOT, TINY, shards  # noqa: F401  (shards: module fixture)
 
-from smog_scale import checkpoint, config, run_dir, train
+from smog_scale import checkpoint, config, monitor, run_dir, train
 from smog_scale.config import ConfigError
 from smog_scale.export import resolve_checkpoint
 from smog_scale.run_dir import RunLock
@@ -99,28 +99,28 @@ def test_corrupt_newest_checkpoint_falls_back_and_a_failing_monitor_costs_nothin
     newest = run / "checkpoints" / "step_00000003"
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    monitor = run.parent / "monitor"
-    shutil.copytree(shards, monitor)
-    real = train.build_eval_loader
+    knn_shards = run.parent / "knn_shards"
+    shutil.copytree(shards, knn_shards)
+    real = monitor.build_eval_loader
 
     def vanishing(urls, **kwargs):  # the shards disappear once the run has started (and was checked)
-        for shard in monitor.glob("*.tar"):
+        for shard in knn_shards.glob("*.tar"):
             shard.unlink()
         return real(urls, **kwargs)
 
-    train.build_eval_loader = vanishing
+    monitor.build_eval_loader = vanishing
     try:
         code = run_main(run, shards, "run.max_steps=3", "monitor.knn_every_epochs=1", "monitor.image_size=32",
-                        f"monitor.knn_train_shards={monitor}", f"monitor.knn_val_shards={monitor}",
+                        f"monitor.knn_train_shards={knn_shards}", f"monitor.knn_val_shards={knn_shards}",
                         "data.open_attempts=1")
     finally:
-        train.build_eval_loader = real
+        monitor.build_eval_loader = real
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
     assert f"checkpoint step_00000003 skipped, it does not load: {weights}: SafetensorError" in captured.out
     assert "resumed from" in captured.out and "step_00000002 at step 2" in captured.out
     assert "step 3: kNN monitor failed on 1 rank(s) (smog_scale.data.shards.ShardOpenError: cannot open shard " \
-        f"'{monitor}/shard-0000" in captured.out and "training goes on" in captured.out
+        f"'{knn_shards}/shard-0000" in captured.out and "training goes on" in captured.out
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"step": 3, "event": "knn_failed", "failed_ranks": 1.0} in events
     assert [p.name for p in checkpoint.complete_checkpoints(run)] == ["step_00000002", "step_00000003"]  # keep_last 2
@@ -282,8 +282,8 @@ def _two_ranks_agree(rank, world, shards, out):  # noqa: F811  (shards: a path h
     result["resume_from"] = str(opened.resume_from)
     state = train.build(cfg, accelerator, opened.derived)
     if rank == 1:  # this rank's copy of the monitor shards is gone
-        real = train.build_eval_loader
-        train.build_eval_loader = lambda urls, **kw: real(str(Path(out) / "gone-{0..1}.tar"), **kw)
+        real = monitor.build_eval_loader
+        monitor.build_eval_loader = lambda urls, **kw: real(str(Path(out) / "gone-{0..1}.tar"), **kw)
     log, warnings = train.RunLog(state), io.StringIO()
     with contextlib.redirect_stderr(warnings):
         train.knn_monitor(state, log)
