@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ class _Guarded:
             self.error = str(err).strip().splitlines()[-1]
 
 
-def knn(state: TrainState, log: RunLog, reading: Mapping[str, float]) -> None:
+def knn(state: TrainState, log: RunLog, reading: Mapping[str, Any]) -> None:
     """Log kNN top-1/top-5 of the online backbone on held-out labelled shards (a collective); ``reading``:
     the shard reading settings (``open_attempts``, ...). A failure to read them, on any rank, is logged as a
     "knn_failed" event and training goes on: the ranks agree first."""
