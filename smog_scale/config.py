@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from accelerate.utils import LoggerType
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # the shipped recipes (a source checkout)
 
 
 class ConfigError(ValueError):
@@ -27,12 +32,13 @@ class ConfigError(ValueError):
 class RunConfig:
     output_dir: str = "runs/default"  # run folder: config.yaml, metrics.jsonl, checkpoints/, tensorboard/
     max_steps: int | None = None  # stop after this many steps; schedules keep their full-length shape
-    seed: int = 0
+    seed: int = 0  # >= 0
     log_every: int = 10  # steps between metric reductions across ranks (each one syncs)
     save_every: int = 1000  # steps between checkpoints; one is always written at the end
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
-    resume: str = "auto"  # "auto": newest complete checkpoint in output_dir; "never"; or a checkpoint path
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # also "wandb"
+    resume: str = "auto"  # "auto": newest checkpoint of output_dir that loads; "never"; or a checkpoint path
+    overwrite: bool = False  # with resume "never": start over in a folder with checkpoints (they are moved aside)
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # Accelerate's: also "wandb", "mlflow"...
     max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) steps before the job stops
     mixed_precision: Literal["launcher", "no", "bf16", "fp16"] = "launcher"  # "launcher": accelerate's flag
 
@@ -94,7 +100,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
     trust_coeff: float = 0.001  # LARS trust coefficient (timm default)
     ema_start: float = 0.99  # momentum encoder m: cosine 0.99 -> 1.0 (BYOL)
-    clip_grad_norm: float | None = None  # clip the global gradient norm; None: no clipping
+    clip_grad_norm: float | None = None  # clip the global gradient norm (> 0); None: no clipping
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -172,19 +182,45 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads an exponent without a dot (``5e-4``, ``3E-4``) as a string; this loader reads it as
+    a float, as YAML 1.2 does, everywhere (typed fields, crop records, ``backbone_kwargs``)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``text`` as YAML; a syntax error is one line naming ``where``, the line and the column."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from err
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), _parse_yaml(raw, f"override {text!r}") if raw.strip() else ""
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> Config:
+def shipped_recipes() -> str:
+    """The recipes that come with the code, for error messages."""
+    names = sorted(str(p.relative_to(RECIPES.parent)) for p in RECIPES.glob("*.yaml"))
+    return ", ".join(names) if names else f"none found in {RECIPES}"
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Recipe YAML, then ``dotted.key=value`` overrides (values parsed as YAML), validated."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"recipe {str(path)!r} does not exist; recipes: {shipped_recipes()}")
+    values = _parse_yaml(path.read_text(), f"recipe {str(path)!r}") or {}
     if not isinstance(values, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections")
     for text in overrides:
@@ -202,8 +238,22 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
 
 def validate(config: Config) -> None:
     """Checks across fields that types alone cannot express; raises ConfigError naming the key."""
+    run, optim = config.run, config.optim
+    trackers = [t.value for t in LoggerType]
     checks = [
         (config.data.train_shards != "", "data.train_shards: no training shards given"),
+        (run.log_every >= 1, "run.log_every must be at least 1"),
+        (run.save_every >= 1, "run.save_every must be at least 1"),
+        (run.max_nonfinite_steps >= 1, "run.max_nonfinite_steps must be at least 1"),
+        (run.seed >= 0, "run.seed must not be negative"),
+        (all(t in trackers for t in run.trackers),
+         f"run.trackers: {run.trackers} names an unknown tracker; Accelerate's are {', '.join(trackers)}"),
+        (optim.base_lr > 0, "optim.base_lr must be positive"),
+        (optim.final_lr >= 0, "optim.final_lr must not be negative"),
+        (0 <= optim.momentum < 1, "optim.momentum must lie in [0, 1)"),
+        (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be 2 values in [0, 1)"),
+        (optim.clip_grad_norm is None or optim.clip_grad_norm > 0,
+         "optim.clip_grad_norm must be positive (null: no clipping)"),
         (config.optim.global_batch_size > 0, "optim.global_batch_size must be positive"),
         (config.optim.grad_accum_steps > 0, "optim.grad_accum_steps must be positive"),
         (config.optim.epochs > 0, "optim.epochs must be positive"),
@@ -233,14 +283,15 @@ def crop_specs(config: Config) -> list:
     """``data.crops`` as ``multicrop.CropSpec`` records; a bad field fails naming its index and key."""
     from smog_scale.data.multicrop import CropSpec  # torchvision import deferred to validation
 
-    names = [f.name for f in dataclasses.fields(CropSpec)]
+    hints = typing.get_type_hints(CropSpec)
     specs = []
     for index, record in enumerate(config.data.crops):
         for key in record:
-            if key not in names:
-                raise _unknown_key(f"data.crops[{index}].{key}", key, names, "")
+            if key not in hints:
+                raise _unknown_key(f"data.crops[{index}].{key}", key, list(hints), "")
+        typed = {key: _coerce(value, hints[key], f"data.crops[{index}].{key}") for key, value in record.items()}
         try:
-            specs.append(CropSpec(**record))
+            specs.append(CropSpec(**typed))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"data.crops[{index}]: {err}") from err
     return specs
@@ -299,9 +350,25 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def dump(config: Config, path: str | Path, derived: Derived | None = None) -> None:
-    """Write the resolved config (and the values derived for this launch) as YAML."""
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested tree as ``{"dotted.key": leaf}``; lists and empty mappings are leaves."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resolved(config: Config, derived: Derived | None = None) -> dict[str, Any]:
+    """The resolved config as a tree, plus a ``derived`` section with the values derived for this launch."""
     tree = to_dict(config)
     if derived is not None:
         tree["derived"] = dataclasses.asdict(derived)
-    Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))
+    return tree
+
+
+def dump(config: Config, path: str | Path, derived: Derived | None = None) -> None:
+    """Write the resolved config (and the values derived for this launch) as YAML."""
+    Path(path).write_text(yaml.safe_dump(resolved(config, derived), sort_keys=False))

@@ -1,8 +1,9 @@
 """Trained networks out of a run: strict checkpoint loading and export of the backbone to timm.
 
 A *source* is a run folder (its newest complete checkpoint), a checkpoint directory
-``RUN/checkpoints/step_XXXXXXXX/`` (the recipe is ``RUN/config.yaml``, two levels up) or, for the
-evaluation tools, a folder written by :func:`export_timm`. A checkpoint holds Accelerate's
+``RUN/checkpoints/step_XXXXXXXX/`` (the recipe is its own ``config.yaml``; ``RUN/config.yaml`` for
+checkpoints written before they held one) or, for the evaluation tools, a folder written by
+:func:`export_timm`. A checkpoint holds Accelerate's
 ``model.safetensors`` or, from a DeepSpeed run, DeepSpeed's ``pytorch_model/`` folder. Loading is
 strict everywhere: a key or shape that does not fit raises :class:`CheckpointError` naming the file
 and the keys. Only :func:`export_timm` drops keys (projector, predictor, the other encoder), and it
@@ -58,7 +59,7 @@ class Checkpoint:
     """A complete checkpoint and the recipe it was trained with."""
 
     path: Path  # RUN/checkpoints/step_XXXXXXXX
-    config_file: Path  # RUN/config.yaml
+    config_file: Path  # the checkpoint's config.yaml (RUN/config.yaml for older checkpoints)
     recipe: dict[str, Any]  # config.yaml as written by the trainer (resolved config plus "derived")
     step: int
 
@@ -87,7 +88,7 @@ def resolve_checkpoint(source: str | Path) -> Checkpoint:
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"{path}: no such run folder or checkpoint directory")
-    if (path / "config.yaml").is_file():
+    if not path.name.startswith(checkpoint.PREFIX) and (path / "config.yaml").is_file():
         found = checkpoint.complete_checkpoints(path)
         if not found:
             raise CheckpointError(f"{path}: run folder without a complete checkpoint in "
@@ -95,9 +96,10 @@ def resolve_checkpoint(source: str | Path) -> Checkpoint:
         path = found[-1]
     elif not path.name.startswith(checkpoint.PREFIX):
         raise CheckpointError(f"{path}: neither a run folder (config.yaml) nor a checkpoint directory (step_XXXXXXXX)")
-    config_file = path.parent.parent / "config.yaml"
+    config_file = checkpoint.recipe_file(path)
     if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: missing; a checkpoint's recipe is read from RUN/config.yaml")
+        raise CheckpointError(f"{config_file}: missing; a checkpoint's recipe is read from its config.yaml "
+                              "(from RUN/config.yaml for checkpoints written before they held one)")
     recipe = yaml.safe_load(config_file.read_text()) or {}
     state_file = path / "trainer_state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}

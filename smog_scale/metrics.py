@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from smog_scale.config import flatten
 from smog_scale.config import to_dict as config_dict
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ class RunLog:
         self.window_start, self.window_step, self.waited = time.perf_counter(), state.global_step, 0.0
         if state.cfg.run.trackers:
             flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                    for k, v in _flatten(config_dict(state.cfg)).items()}
+                    for k, v in flatten(config_dict(state.cfg)).items()}
             self.accelerator.init_trackers("tensorboard", config=flat)  # logs in RUN/tensorboard
 
     def data_wait(self, seconds: float) -> None:
@@ -113,16 +114,6 @@ class RunLog:
         if self.jsonl:
             self.jsonl.close()
         self.accelerator.end_training()
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _peak_memory_gb(device: torch.device) -> float:

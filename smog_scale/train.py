@@ -20,10 +20,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from smog_scale import checkpoint, config, dist, evaluate
+from smog_scale import checkpoint, config, dist, monitor, preflight, run_dir
 from smog_scale.config import ConfigError
-from smog_scale.data.shards import (ShardOpenError, build_eval_loader, build_train_loader, check_shards,
-                                    count_samples)
+from smog_scale.data.shards import ShardOpenError, build_train_loader
 from smog_scale.engine import TrainState, train_step
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
@@ -44,26 +43,10 @@ def make_accelerator(cfg: config.Config) -> Accelerator:
     return accelerator
 
 
-def num_samples(cfg: config.Config) -> int:
-    """Samples per epoch: the recipe's, else the shards' manifests; missing shards fail here."""
-    try:
-        check_shards(cfg.data.train_shards)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"data.train_shards: {err}") from err
-    if cfg.data.num_samples is not None:
-        return cfg.data.num_samples
-    try:
-        return count_samples(cfg.data.train_shards)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise ConfigError(f"data.num_samples is not set and no manifest gives it: {err}") from err
-
-
-def build(cfg: config.Config, accelerator: Accelerator) -> TrainState:
-    """Model, optimizer, groups and cache for this launch, prepared by Accelerate."""
-    derived = config.derive(cfg, accelerator.num_processes, num_samples(cfg))
-    Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        config.dump(cfg, Path(cfg.run.output_dir) / "config.yaml", derived)
+def build(cfg: config.Config, accelerator: Accelerator, derived: config.Derived | None = None) -> TrainState:
+    """Model, optimizer, groups and cache for this launch (``derived`` by default from the preflight's
+    checks), prepared by Accelerate."""
+    derived = derived or preflight.derive(cfg, accelerator.num_processes)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
             derived.batch_size_per_device
@@ -109,19 +92,14 @@ def shard_reading(cfg: config.Config) -> dict[str, float]:
 
 
 def knn_monitor(state: TrainState, log: RunLog) -> None:
-    """kNN top-1/top-5 of the online backbone on held-out labelled shards (a collective)."""
-    mon = state.cfg.monitor
-    loaders = [build_eval_loader(urls, image_size=mon.image_size, batch_size=mon.batch_size,
-                                 num_workers=state.cfg.data.num_workers, rank=dist.rank(), world_size=dist.world_size(),
-                                 **shard_reading(state.cfg))
-               for urls in (mon.knn_train_shards, mon.knn_val_shards)]
-    backbone = state.accelerator.unwrap_model(state.model).online.backbone
-    log.event(state.global_step, "knn", evaluate.knn_monitor(state.accelerator, backbone, *loaders))
+    """The kNN monitor (:func:`monitor.knn`) reading its shards with the recipe's settings."""
+    monitor.knn(state, log, shard_reading(state.cfg))
 
 
 def save(state: TrainState) -> Path:
     return checkpoint.save(state.accelerator, state.cfg.run.output_dir, state.global_step, state.bank,
-                           state.cache, state.counters(), state.cfg.run.keep_last)
+                           state.cache, state.counters(), state.cfg.run.keep_last,
+                           recipe=config.resolved(state.cfg, state.derived))
 
 
 def train(state: TrainState, log: RunLog) -> int:
@@ -166,29 +144,40 @@ def train(state: TrainState, log: RunLog) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="recipes/<name>.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.epochs=100")
+    parser.add_argument("recipe", nargs="?", help="recipes/<name>.yaml")
+    parser.add_argument("overrides", nargs="*", default=[], help="dotted.key=value, e.g. optim.epochs=100")
     args = parser.parse_args(argv)
     try:
+        if args.recipe is None:
+            raise ConfigError(f"no recipe given; recipes: {config.shipped_recipes()}")
         cfg = config.load(args.recipe, args.overrides)
         accelerator = make_accelerator(cfg)
-        state = build(cfg, accelerator)
+        run = run_dir.open_run(cfg, accelerator)  # the main process now holds the run folder's lock
     except ConfigError as err:
-        print(f"smog_scale: error: {err}", file=sys.stderr)
+        if not isinstance(err, run_dir.RefusedElsewhere):
+            print(f"smog_scale: error: {err}", file=sys.stderr)
         return 2
+    try:
+        return run_training(build(cfg, accelerator, run.derived), run)
+    finally:
+        run.close()
+
+
+def run_training(state: TrainState, run: run_dir.Run) -> int:
+    """Resume if decided, then train until done, pre-empted or stopped; failures end with one line."""
     log = RunLog(state)
-    resume_from = checkpoint.resolve(cfg.run.resume, cfg.run.output_dir)
-    if resume_from is not None:
-        for key, value in checkpoint.load(accelerator, resume_from, state.bank, state.cache).items():
+    for note in run.notes:
+        log.message(note)
+    if run.resume_from is not None:
+        for key, value in checkpoint.load(state.accelerator, run.resume_from, state.bank, state.cache).items():
             if hasattr(state, key):
                 setattr(state, key, value)
-        log.message(f"resumed from {resume_from} at step {state.global_step}")
+        log.message(f"resumed from {run.resume_from} at step {state.global_step}")
 
     def request_stop(signum: int, _frame: object) -> None:
         state.stop_signal = True  # a separate flag: the step in flight overwrites stop_requested
 
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, request_stop)
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         return train(state, log)
     except BaseException as err:
@@ -203,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         log.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ def test_two_nodes_on_loopback_stream_http_shards(tmp_path, shards):
     assert [p.name for p in saved] == [f"step_{steps:08d}"]  # written once: no second writer, no temp left
     ckpt = saved[0]
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
-        ["model.safetensors", "optimizer.bin", "smog.safetensors", "trainer_state.json", "random_states_0.pkl",
+        ["config.yaml", "model.safetensors", "optimizer.bin", "smog.safetensors", "trainer_state.json", "random_states_0.pkl",
          "random_states_1.pkl", "cache_rank0.safetensors", "cache_rank1.safetensors"])
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["global_step"], state["world_size"], state["samples_seen"]) == (steps, 2, steps * 16)

@@ -80,7 +80,7 @@ def test_training_runs_and_checkpoints(tmp_path, shards, processes):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
     ckpt = run / "checkpoints" / "step_00000012"
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
-        ["model.safetensors", "optimizer.bin", "smog.safetensors", "trainer_state.json"]
+        ["config.yaml", "model.safetensors", "optimizer.bin", "smog.safetensors", "trainer_state.json"]
         + [f"random_states_{r}.pkl" for r in range(processes)] + [f"cache_rank{r}.safetensors" for r in range(processes)])
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["global_step"], state["samples_seen"], state["world_size"]) == (12, 12 * 16, processes)
@@ -124,7 +124,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path, shards):
     assert len(saved) == 1 and "stop requested" in out
     step = json.loads((saved[0] / "trainer_state.json").read_text())["global_step"]
     assert 3 <= step < 500
-    launch(run, shards, f"run.max_steps={step + 2}")
+    launch(run, shards, "optim.epochs=100", f"run.max_steps={step + 2}")  # the same run: same schedule
     assert json.loads((sorted((run / "checkpoints").glob("step_*"))[-1] / "trainer_state.json").read_text())[
         "global_step"] == step + 2
 
