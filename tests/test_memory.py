@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import runpy
+import signal
 from pathlib import Path
 
 import pytest
@@ -95,8 +96,12 @@ def test_tool_prints_the_estimate_and_refuses_a_batch_that_does_not_split(capsys
 
 @pytest.fixture
 def fresh_accelerator():
+    """The trainer in-process leaves Accelerate's shared state and its signal handlers behind."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 def test_cuda_out_of_memory_at_step_1_ends_with_one_line(tmp_path, shards, monkeypatch, capsys, fresh_accelerator):
