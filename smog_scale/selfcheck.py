@@ -77,11 +77,12 @@ class Context:
         return self.launch.is_main_process
 
     @property
-    def precision(self) -> str:
+    def precision(self) -> memory.Precision:
         """The autocast precision of this launch: the recipe's, else accelerate's flag."""
-        if self.cfg.run.mixed_precision != "launcher":
-            return self.cfg.run.mixed_precision
-        return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        chosen: str = self.cfg.run.mixed_precision
+        if chosen == "launcher":
+            chosen = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        return "bf16" if chosen == "bf16" else "fp16" if chosen == "fp16" else "no"
 
     def small(self) -> list[str]:
         """Overrides for the short runs: 8 images per device, K = 16, a re-grouping every 2 steps."""
