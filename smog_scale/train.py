@@ -2,7 +2,8 @@
 
 The same command runs on a laptop CPU, one GPU, 8 GPUs or several nodes; the launcher decides.
 Exit codes: 0 done or pre-empted (checkpoint written), 1 stopped on non-finite steps or an error
-(an unreadable shard or a failed save: one line naming it), 2 bad recipe or launch (before any work).
+(an unreadable shard, a failed save, CUDA out of memory: one line naming it), 2 bad recipe or launch
+(before any work).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from smog_scale import checkpoint, config, dist, monitor, preflight, run_dir
+from smog_scale import checkpoint, config, dist, memory, monitor, preflight, run_dir
 from smog_scale.config import ConfigError
 from smog_scale.data.shards import ShardOpenError, build_train_loader
 from smog_scale.engine import TrainState, train_step
@@ -188,6 +189,9 @@ def run_training(state: TrainState, run: run_dir.Run) -> int:
         if isinstance(err, (ShardOpenError, checkpoint.CheckpointError)):  # the message names the culprit;
             # from a loader worker it ends a copy of the worker's traceback, whose last line is the error
             print(f"smog_scale: error: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+            return 1
+        if isinstance(err, torch.cuda.OutOfMemoryError):  # one line: the keys that lower the per-device batch
+            print(f"smog_scale: error: {memory.oom_advice(state.cfg, state.derived, state.global_step)}", file=sys.stderr)
             return 1
         raise
     finally:
