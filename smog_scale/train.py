@@ -64,9 +64,10 @@ def build(cfg: config.Config, accelerator: Accelerator) -> TrainState:
     Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         config.dump(cfg, Path(cfg.run.output_dir) / "config.yaml", derived)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
-            derived.batch_size_per_device
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # else the config file's values win
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=derived.batch_size_per_device,
+            gradient_accumulation_steps=cfg.optim.grad_accum_steps)
     set_seed(cfg.run.seed)
     mc = cfg.model
     model = SMoGModel(mc.backbone, mc.proj_hidden_dim, mc.proj_dim, mc.pred_hidden_dim, mc.backbone_kwargs)
