@@ -126,9 +126,7 @@ def train_step(state: TrainState, batch: dict) -> StepEnd | None:
         with acc.autocast():
             out = state.model(crops)
         result = grouping_step(out, state.bank.groups, beta, cfg.grouping.tau, cfg.grouping.cache_features == "online")
-        host_flags = torch.tensor([float(state.stop_signal), float(batch.get("skipped", 0))], device=acc.device)
-        flags = dist.all_reduce_sum(torch.cat([(~result.ok).float().view(1), host_flags]))
-        bad_ranks, stop_ranks, skipped = flags.tolist()
+        bad_ranks, stop_ranks, skipped = step_flags(result.ok, state.stop_signal, batch.get("skipped", 0)).tolist()
         state.stop_requested = stop_ranks > 0
         state.skipped_samples += int(skipped)
         ids = torch.tensor([zlib.crc32(k.encode()) for k in batch["key"]], device=acc.device).repeat(out.e.shape[0])
@@ -136,6 +134,13 @@ def train_step(state: TrainState, batch: dict) -> StepEnd | None:
         if not state.accumulator.nonfinite:
             acc.backward(result.loss)
         return finish_step(state, beta) if acc.sync_gradients else None
+
+
+def step_flags(ok: torch.Tensor, stop_signal: bool, skipped_samples: int) -> torch.Tensor:
+    """[3] floats summed over ranks, on ``ok``'s device: ranks whose micro-batch was not finite (``ok``:
+    0-dim bool), ranks asked to stop, samples the loaders skipped."""
+    host = torch.tensor([float(stop_signal), float(skipped_samples)], device=ok.device)
+    return dist.all_reduce_sum(torch.cat([(~ok).float().view(1), host]))
 
 
 def finish_step(state: TrainState, beta: float) -> StepEnd:

@@ -18,7 +18,8 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from smog_scale import kmeans
 from smog_scale.accumulation import StepAccumulator
-from smog_scale.engine import grouping_step
+from smog_scale.data.multicrop import normalize
+from smog_scale.engine import grouping_step, step_flags
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
 from smog_scale.metrics import assignment_health, cluster_size_health
@@ -44,8 +45,9 @@ def model() -> SMoGModel:
 
 
 def crops(device: torch.device) -> list[torch.Tensor]:
-    """2 global views at 32 px and 2 local views at 16 px, normalized float32."""
-    return [torch.randn(2, B, 3, 32, 32, device=device), torch.randn(2, B, 3, 16, 16, device=device)]
+    """2 global views at 32 px and 2 local views at 16 px, as the loader's uint8 normalized on ``device``."""
+    return [normalize(torch.randint(0, 256, (2, B, 3, size, size), dtype=torch.uint8, device=device))
+            for size in (32, 16)]
 
 
 def test_harness_catches_a_cpu_tensor(cuda):
@@ -68,6 +70,7 @@ def test_forward_under_bf16_autocast_and_grouping_step(model, cuda):
     assert result.loss.dtype == result.new_groups.dtype == result.sums.dtype == torch.float32
     assert result.counts.shape == (K,) and result.cache_feats.shape == (2 * B, D)
     assert {t.device for t in result} == {cuda}
+    assert step_flags(result.ok, stop_signal=False, skipped_samples=3).shape == (3,)
 
 
 def test_deepspeed_precision_forward_and_ema(model, cuda):
