@@ -197,6 +197,7 @@ def verify(path: Path) -> int:
 def load(accelerator: Accelerator, path: Path, bank: GroupBank, cache: FeatureCache) -> dict[str, Any]:
     """Restore everything ``save`` wrote; returns the trainer state. Raises on any mismatch."""
     state = json.loads((path / "trainer_state.json").read_text())
+    state.setdefault("data_steps", state["global_step"])  # older checkpoints: every step consumed data and counted
     accelerator.load_state(str(path))
     bank.load_state_dict({k: v.to(bank.groups.device) for k, v in load_file(str(path / "smog.safetensors")).items()})
     _load_cache(path, cache, int(state["world_size"]))

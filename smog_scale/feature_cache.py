@@ -49,7 +49,10 @@ class FeatureCache(torch.nn.Module):
         self.filled.copy_(torch.clamp(self.filled + step, max=self.capacity))
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The filled rows (features [N, D], ids [N]), oldest first."""
-        filled = int(self.filled)
-        order = (int(self.ptr) - filled + torch.arange(filled, device=self.feats.device)) % self.capacity
+        """The filled rows (features [N, D], ids [N]), oldest first; reads the fill level on the host."""
+        return self.newest(int(self.filled))
+
+    def newest(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The newest ``rows`` rows (features [rows, D], ids [rows]), oldest first, without a host read."""
+        order = (self.ptr - rows + torch.arange(rows, device=self.feats.device)) % self.capacity
         return self.feats[order], self.ids[order]

@@ -65,34 +65,60 @@ def _row_max(sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class GroupUpdate(NamedTuple):
-    """G' with its global-batch statistics.
+    """G' with the global-batch statistics it was built from.
 
     new_groups: [K, D] g' (not renormalized; gradient flows into the features that built it).
+    sums: [K, D] per-group sums of the members' features over the global batch (differentiable).
     counts: [K] long, members of each group over the global batch.
     """
 
     new_groups: torch.Tensor
+    sums: torch.Tensor
     counts: torch.Tensor
+
+
+def group_statistics(
+    num_groups: int, feats: torch.Tensor, assignments: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group sums [K, D] and member counts [K] of ``feats`` [B, D] assigned by ``assignments`` [B],
+    summed over all ranks (docs/method.md step 3): the sums through a differentiable all-reduce, so a
+    rank's loss reaches every rank's features, the counts plainly.
+
+    Both are scatter-adds into fixed [K]-shaped tensors (not ``bincount``, whose output length depends on
+    the data), so the shapes are static on every device.
+    """
+    counts = torch.zeros(num_groups, dtype=torch.long, device=feats.device)
+    counts = dist.all_reduce_sum(counts.index_add_(0, assignments, torch.ones_like(assignments)))
+    sums = feats.new_zeros(num_groups, feats.shape[1]).index_add(0, assignments, feats)
+    return dist.all_reduce_sum_differentiable(sums), counts
+
+
+def updated_groups(
+    groups: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, beta: float | torch.Tensor
+) -> torch.Tensor:
+    """docs/method.md step 3 from the statistics: g'_k = beta * g_k + (1 - beta) * sums_k / n_k for
+    groups with members, g'_k = g_k otherwise. Returns [K, D] in the dtype of ``sums``.
+
+    The one place the group update lives: the loss's partial update and the commit of an optimizer
+    step (``smog_scale.accumulation``) both call it.
+    """
+    groups = groups.to(sums.dtype)
+    mean = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+    return torch.where((counts > 0).unsqueeze(1), beta * groups + (1 - beta) * mean, groups)
 
 
 def momentum_update_from_assignments(
     groups: torch.Tensor, feats: torch.Tensor, assignments: torch.Tensor, beta: float | torch.Tensor
 ) -> GroupUpdate:
-    """ALGORITHM.md step 3 given the assignments c [B] of ``feats`` [B, D] to ``groups`` [K, D].
+    """docs/method.md step 3 given the assignments c [B] of ``feats`` [B, D] to ``groups`` [K, D].
 
-    g'_k = beta * g_k + (1 - beta) * mean_{i: c_i = k} z_i over the GLOBAL batch, written as
-    g_k + sum_{i: c_i = k} (1 - beta) / n_k * (z_i - g_k) so the work is O(B*D) scatter plus one
-    [K, D] add instead of several [K, D] passes; the per-group sums are all-reduced differentiably
-    and the counts n_k plainly. Groups without members keep g_k exactly.
+    g'_k = beta * g_k + (1 - beta) * mean_{i: c_i = k} z_i over the GLOBAL batch (all ranks); the
+    gradient reaches each z_i through the (1 - beta) / n_k weight of its group's mean. Groups without
+    members keep g_k exactly.
     """
     _check_dims(groups, feats)
-    num_groups = groups.shape[0]
-    groups = groups.to(feats.dtype)
-    counts = dist.all_reduce_sum(torch.bincount(assignments, minlength=num_groups))
-    weights = ((1 - beta) / counts.clamp(min=1).to(feats.dtype))[assignments].unsqueeze(1)
-    steps = weights * (feats - groups[assignments])
-    delta = feats.new_zeros(num_groups, feats.shape[1]).index_add(0, assignments, steps)
-    return GroupUpdate(groups + dist.all_reduce_sum_differentiable(delta), counts)
+    sums, counts = group_statistics(groups.shape[0], feats, assignments)
+    return GroupUpdate(updated_groups(groups, sums, counts, beta), sums, counts)
 
 
 def momentum_update(groups: torch.Tensor, feats: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
@@ -120,10 +146,10 @@ class GroupBank(torch.nn.Module):
         return self.groups.shape[0]
 
     @torch.no_grad()
-    def commit(self, new_groups: torch.Tensor, ok: torch.Tensor) -> None:
-        """ALGORITHM.md step 5: G <- stop_grad(normalize(g')) where ``ok`` (0-dim bool) is true."""
+    def commit(self, new_groups: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """ALGORITHM.md step 5: G <- stop_grad(normalize(g')) where ``ok`` (0-dim bool; default true) is true."""
         candidate = F.normalize(new_groups.detach().float(), dim=1)
-        self.groups.copy_(torch.where(ok, candidate, self.groups))
+        self.groups.copy_(candidate if ok is None else torch.where(ok, candidate, self.groups))
 
     @torch.no_grad()
     def set(self, centroids: torch.Tensor) -> None:

@@ -30,6 +30,14 @@ def assignment_health(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def cluster_size_health(sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """From a re-grouping's cluster sizes [K]: largest and smallest (0-dim) and the 0, 10, 50, 90 and 100%
+    quantiles [5], all on the sizes' device."""
+    sizes = sizes.float()
+    levels = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], device=sizes.device)
+    return {"largest": sizes.max(), "smallest": sizes.min(), "quantiles": torch.quantile(sizes, levels)}
+
+
 def group_entropy(groups: torch.Tensor, classes: torch.Tensor, num_groups: int, num_classes: int) -> torch.Tensor:
     """Per-group class entropy of the paper's Fig. 5: for each group, sum_c -p_c log p_c over the class
     ratios of its members. Returns [num_groups] (nats; 0 for empty groups)."""
@@ -71,7 +79,7 @@ class RunLog:
             self.jsonl.flush()
         self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
-    def step(self, state: "TrainState", metrics: dict[str, torch.Tensor]) -> None:
+    def step(self, state: "TrainState", metrics: dict[str, torch.Tensor | float]) -> None:
         from smog_scale import dist
 
         step = state.global_step
@@ -82,6 +90,7 @@ class RunLog:
                   "images_per_s": steps * state.cfg.optim.global_batch_size / elapsed,
                   "data_wait_share": min(self.waited / elapsed, 1.0), "samples_seen": state.samples_seen,
                   "skipped_samples": state.skipped_samples, "nonfinite_steps": state.nonfinite_steps,
+                  "overflow_steps": state.overflow_steps,
                   "peak_memory_gb": _peak_memory_gb(state.accelerator.device), "time": time.time()}
         self._write(record, step)
         self.bar.update(step - self.bar.n)
@@ -95,11 +104,11 @@ class RunLog:
         self.message(f"step {step} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
 
     def regroup(self, state: "TrainState", result: Any) -> None:
-        sizes = result.sizes.float()
+        stats = cluster_size_health(result.sizes)  # device math; the host reads follow
         record = {"step": state.global_step, "event": "regroup", "regroup/empty_reseeded": int(result.num_reseeded),
-                  "regroup/largest_cluster": int(sizes.max()), "regroup/smallest_cluster": int(sizes.min()),
+                  "regroup/largest_cluster": int(stats["largest"]), "regroup/smallest_cluster": int(stats["smallest"]),
                   "regroup/mean_cos_distance": float(result.mean_distance),
-                  "regroup/size_quantiles": torch.quantile(sizes, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])).tolist()}
+                  "regroup/size_quantiles": stats["quantiles"].tolist()}
         self._write(record, state.global_step)
 
     def message(self, text: str) -> None:

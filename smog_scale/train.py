@@ -48,9 +48,10 @@ def build(cfg: config.Config, accelerator: Accelerator, derived: config.Derived 
     """Model, optimizer, groups and cache for this launch (``derived`` by default from the preflight's
     checks), prepared by Accelerate."""
     derived = derived or preflight.derive(cfg, accelerator.num_processes)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
-            derived.batch_size_per_device
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # else the config file's values win
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=derived.batch_size_per_device,
+            gradient_accumulation_steps=cfg.optim.grad_accum_steps)
     set_seed(cfg.run.seed)
     mc = cfg.model
     model = SMoGModel(mc.backbone, mc.proj_hidden_dim, mc.proj_dim, mc.pred_hidden_dim, mc.backbone_kwargs)
@@ -60,6 +61,7 @@ def build(cfg: config.Config, accelerator: Accelerator, derived: config.Derived 
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, derived.scaled_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.unwrap_model(model).settle_dtypes()  # DeepSpeed cast all parameters to bf16/fp16
     if mc.compile:
         model = torch.compile(model)
     bank = GroupBank(cfg.grouping.num_groups, mc.proj_dim).to(accelerator.device)
@@ -106,8 +108,9 @@ def save(state: TrainState) -> Path:
 def train(state: TrainState, log: RunLog) -> int:
     cfg, derived = state.cfg, state.derived
     last_step = min(cfg.run.max_steps or derived.total_steps, derived.total_steps)
+    knn_every = cfg.monitor.knn_every_epochs * derived.steps_per_epoch
     while state.global_step < last_step:
-        epoch, done = divmod(state.global_step, derived.steps_per_epoch)
+        epoch, done = divmod(state.data_steps, derived.steps_per_epoch)  # skipped steps consumed data too
         loader = build_train_loader(
             cfg.data.train_shards, crops=config.crop_specs(cfg), batch_size=derived.batch_size_per_device,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=epoch, rank=dist.rank(),
@@ -118,24 +121,23 @@ def train(state: TrainState, log: RunLog) -> int:
         waited = time.perf_counter()
         for batch in itertools.islice(loader, remaining):
             log.data_wait(time.perf_counter() - waited)
-            metrics = train_step(state, batch)
-            if state.accelerator.sync_gradients:
+            end = train_step(state, batch)  # None before the last micro-batch of an optimizer step
+            if end is not None:
                 step = state.global_step
-                if step % cfg.run.log_every == 0 or step == last_step:
-                    log.step(state, metrics)
-                if step % cfg.grouping.regroup_every == 0:
+                if end.committed and (step % cfg.run.log_every == 0 or step == last_step):
+                    log.step(state, end.metrics)
+                if end.committed and step % cfg.grouping.regroup_every == 0:
                     regroup(state, log)
-                every = cfg.monitor.knn_every_epochs * derived.steps_per_epoch
-                if every and (step % every == 0 or step == last_step):
+                if end.committed and knn_every and (step % knn_every == 0 or step == last_step):
                     knn_monitor(state, log)
                 if state.stop_requested:
                     log.message(f"stop requested (SIGTERM/SIGUSR1): saved {save(state)}, exiting")
                     return 0
                 if state.nonfinite_streak >= cfg.run.max_nonfinite_steps:
-                    log.message(f"{state.nonfinite_streak} non-finite steps in a row at step {step}: saved "
-                                f"{save(state)}; lower the learning rate or check the data, then resume")
+                    log.message(f"{state.nonfinite_streak} skipped (non-finite) steps in a row at step {step}: "
+                                f"saved {save(state)}; lower the learning rate or check the data, then resume")
                     return 1
-                if step % cfg.run.save_every == 0 or step >= last_step:
+                if end.committed and (step % cfg.run.save_every == 0 or step >= last_step):
                     save(state)
                 if step >= last_step:
                     break

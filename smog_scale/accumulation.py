@@ -1,0 +1,78 @@
+"""What one optimizer step gathers over its micro-batches before it commits (docs/method.md, "Gradient
+accumulation").
+
+With A micro-batches per optimizer step, every micro-batch takes its labels and assignments from the same
+G, because nothing is committed before the step ends. The step then commits G once, from the per-group
+sums and counts of all its micro-batches over all ranks (the global batch) with the step's beta, and
+only then pushes the micro-batches' features into the cache. A skipped step (non-finite values, or an
+fp16 overflow that made the optimizer skip) commits and pushes nothing, and puts back the model's buffers
+(BatchNorm statistics) that its forwards moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from smog_scale.feature_cache import FeatureCache
+from smog_scale.grouping import GroupBank, updated_groups
+
+
+class StepAccumulator:
+    """Per-group sums [K, D] (float32) and counts [K] of the global batch over the micro-batches seen so
+    far, the cache rows waiting for the commit, the summed loss, whether any micro-batch was non-finite on
+    some rank, and the model's buffers as they were before the step's first forward."""
+
+    def __init__(self, num_groups: int, dim: int, device: torch.device) -> None:
+        self.sums = torch.zeros(num_groups, dim, device=device)
+        self.counts = torch.zeros(num_groups, dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.micro_batches = 0
+        self.nonfinite = False
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, its copy)
+
+    def start(self, buffers: Iterable[torch.Tensor]) -> None:
+        """Before the step's first forward: copy the model's ``buffers`` so that a skipped step restores them."""
+        self.buffers = [(b, b.clone()) for b in buffers]
+
+    def add(self, sums: torch.Tensor, counts: torch.Tensor, loss: torch.Tensor, cache_feats: torch.Tensor,
+            cache_ids: torch.Tensor, nonfinite: bool) -> None:
+        """One micro-batch: its global statistics (sums [K, D], counts [K]), loss (0-dim), cache rows
+        (features [N, D], ids [N]) and whether it was non-finite on any rank (a host bool every rank shares)."""
+        self.sums += sums.detach().float()
+        self.counts += counts
+        self.loss += loss.detach().float()
+        self.micro_batches += 1
+        self.nonfinite |= nonfinite
+        self.rows.append((cache_feats.detach(), cache_ids))
+
+    def mean_loss(self) -> torch.Tensor:
+        """The step's loss: the mean over its micro-batches (0-dim, on the device)."""
+        return self.loss / max(self.micro_batches, 1)
+
+    def commit(self, bank: GroupBank, cache: FeatureCache, beta: float) -> None:
+        """docs/method.md steps 5-6 for the whole step: G <- normalize(g') from the summed statistics, then
+        the cache pushes in micro-batch order; the accumulator is emptied for the next step."""
+        bank.commit(updated_groups(bank.groups, self.sums, self.counts, beta))
+        for feats, ids in self.rows:
+            cache.push(feats, ids)
+        self.clear()
+
+    def discard(self) -> None:
+        """Forget the step (skipped): G and the cache stay as they were, the buffers go back."""
+        with torch.no_grad():
+            for buffer, copy in self.buffers:
+                buffer.copy_(copy)
+        self.clear()
+
+    def clear(self) -> None:
+        """Empty the accumulator for the next step."""
+        self.sums.zero_()
+        self.counts.zero_()
+        self.loss.zero_()
+        self.micro_batches = 0
+        self.nonfinite = False
+        self.rows.clear()
+        self.buffers = []
