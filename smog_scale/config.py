@@ -248,7 +248,7 @@ def validate(config: Config) -> None:
         (run.seed >= 0, "run.seed must not be negative"),
         (all(t in trackers for t in run.trackers),
          f"run.trackers: {run.trackers} names an unknown tracker; Accelerate's are {', '.join(trackers)}"),
-        (optim.base_lr > 0, "optim.base_lr must be positive"),
+        (optim.base_lr >= 0, "optim.base_lr must not be negative"),
         (optim.final_lr >= 0, "optim.final_lr must not be negative"),
         (0 <= optim.momentum < 1, "optim.momentum must lie in [0, 1)"),
         (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be 2 values in [0, 1)"),

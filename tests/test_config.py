@@ -39,7 +39,7 @@ def test_load_with_overrides_and_dump(recipe, tmp_path):
     ("run.max_nonfinite_steps=0", "run.max_nonfinite_steps must be at least 1"),
     ("run.seed=-1", "run.seed must not be negative"),
     ("run.trackers=[tensorbord]", "run.trackers: ['tensorbord'] names an unknown tracker; Accelerate's are"),
-    ("optim.base_lr=-0.1", "optim.base_lr must be positive"),
+    ("optim.base_lr=-0.1", "optim.base_lr must not be negative"),
     ("optim.final_lr=-1e-6", "optim.final_lr must not be negative"),
     ("optim.momentum=1", "optim.momentum must lie in [0, 1)"),
     ("optim.momentum=-0.5", "optim.momentum must lie in [0, 1)"),
