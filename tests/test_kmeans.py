@@ -152,9 +152,9 @@ def test_seeding_device_math_stays_on_the_rows_device_on_fake_cuda() -> None:
     with FakeTensorMode(shape_env=ShapeEnv()):
         x = F.normalize(torch.randn(600, DIM, device="cuda"), dim=1)
         weights = kmeans_module._sample_weights(x[:200], x, seed=0)
-        seeds = kmeans_module._greedy_kmeanspp(x[:200], weights, 20, 8, None)
+        seeds = kmeans_module._greedy_kmeanspp(x[:200], weights, 4, 8, None)  # fake ops: ~0.4 s a step
     assert (weights.device.type, weights.dtype, tuple(weights.shape)) == ("cuda", torch.float32, (200,))
-    assert (seeds.device.type, tuple(seeds.shape)) == ("cuda", (20, DIM))
+    assert (seeds.device.type, tuple(seeds.shape)) == ("cuda", (4, DIM))
 
 
 def test_seeding_without_room_for_the_gram_matrix_picks_the_same_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -281,6 +281,8 @@ def test_two_ranks_seed_unbalanced_modes_from_weights_of_the_whole_union(two_ran
         first, second = two_ranks[0][f"{mode}_modes"], two_ranks[1][f"{mode}_modes"]
         assert torch.equal(first["centroids"], second["centroids"])
         assert first["distance"] <= 1.04 * every_row, (mode, first["distance"], every_row)
+    gather, sharded = (two_ranks[0][f"{mode}_modes"]["distance"] for mode in ("gather", "sharded"))
+    assert sharded == pytest.approx(gather, rel=0.02)  # equal quality, not equal seeds (samples differ)
 
 
 @pytest.mark.slow
