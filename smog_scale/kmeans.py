@@ -157,7 +157,9 @@ def _checked_union_rows(feats: torch.Tensor, k: int) -> int:
 
 
 def _cluster(x: torch.Tensor, k: int, total_rows: int, options: _Options, *, sync: bool) -> KMeansResult:
-    """Seed on rank 0, broadcast, then run Lloyd's loop over ``x`` (N_r x D unit rows).
+    """Weight a sample of the union on every rank, seed from it on rank 0, broadcast, then run Lloyd's loop.
+
+    ``x`` holds this rank's N_r x D unit rows.
 
     ``sync=True`` reduces over all ranks (``sharded``); ``sync=False`` treats ``x`` as the whole union and
     issues no collective (``gather`` on rank 0).
