@@ -119,11 +119,12 @@ def test_regroup_statistics_and_kmeans_device_math(cuda):
     x = F.normalize(torch.randn(64, D, device=cuda), dim=1)
     sample = kmeans._sample_union(x, 32, 64, seed=0, sync=False)
     # fit seeds with a CUDA generator; one cannot be made without a driver, and fake CUDA accepts this one
-    centroids = kmeans._greedy_kmeanspp(sample, K, trials=4, generator=torch.Generator().manual_seed(0))
+    weights = kmeans._sample_weights(sample, x, seed=0)
+    centroids = kmeans._greedy_kmeanspp(sample, weights, K, trials=4, generator=torch.Generator().manual_seed(0))
     sims, labels = kmeans._NearestCentroid(x)(centroids)
     cost = torch.zeros(K, device=cuda).index_add_(0, labels, 1 - sims)
     seeds = kmeans._reseed_rows(x, sims, labels, cost, count=2, sync=False)
     sizes = torch.zeros(K, dtype=torch.long, device=cuda).index_add_(0, labels, torch.ones_like(labels))
     stats = cluster_size_health(sizes)
     assert stats["quantiles"].shape == (5,)
-    assert {t.device for t in (sample, centroids, sims, labels, seeds, *stats.values())} == {cuda}
+    assert {t.device for t in (sample, weights, centroids, sims, labels, seeds, *stats.values())} == {cuda}
