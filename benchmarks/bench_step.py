@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from smog_scale.data.multicrop import normalize
-from smog_scale.engine import grouping_step
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
 from smog_scale.models.smog import SMoGModel
+from smog_scale.objectives import grouping_step
 
 
 def build(args: argparse.Namespace) -> tuple[SMoGModel, torch.optim.Optimizer, GroupBank, FeatureCache]:

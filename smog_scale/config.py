@@ -65,7 +65,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet50"  # any timm name, plus resnet50x2 / resnet50x4 (SimCLR widths)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
-    proj_hidden_dim: int = 2048  # ALGORITHM.md networks (BYOL)
+    proj_hidden_dim: int = 2048  # docs/method.md "Networks" (BYOL)
     proj_dim: int = 128  # D, the group feature dimension (paper)
     pred_hidden_dim: int = 2048
     sync_bn: bool = True  # SyncBatchNorm in backbone and heads with several CUDA ranks (CPU ranks: per-rank BN)
@@ -75,13 +75,17 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GroupingConfig:
-    num_groups: int = 3000  # K (paper: 300 -> 65.2, 1000 -> 67.0, 3000 -> 67.2 top-1 at 100 ep)
+    num_groups: int = 3000  # K (paper 7c: 300 -> 65.2, 1000 -> 67.0, 3000 -> 67.2 top-1 at 100 ep)
     tau: float = 0.1  # temperature (paper); below 0.05 the loss becomes peaky and unstable
-    beta_start: float = 1.0  # group momentum, linear schedule 1.0 -> 0.99 (paper ablation 7a)
-    beta_end: float = 0.99
-    regroup_every: int = 300  # steps between k-means re-groupings (our choice; paper: "periodically")
+    beta_schedule: Literal["linear", "fixed"] = "linear"  # paper 7a: linear 1.0 -> 0.99 67.2, fixed 0.99 65.9
+    beta_start: float = 1.0  # group momentum beta at step 0 (linear schedule only)
+    beta_end: float = 0.99  # beta at the last step; the fixed schedule's value
+    update: Literal["momentum", "adopt_latest", "averaging", "random_select"] = "momentum"  # paper 7d; docs/method.md
+    regroup_every: int = 300  # steps between k-means re-groupings (our choice; paper: "periodically"); 0: never
+    reset_momentum: bool = True  # reset the momentum encoder to the online one periodically (paper 7b)
+    reset_every: int | None = None  # steps between resets; null: at each re-grouping (needs regroup_every > 0)
     cache_size: int = 65536  # features kept per rank for k-means; must be >= num_groups / world size
-    cache_features: Literal["momentum", "online"] = "momentum"  # ALGORITHM.md step 6 (choice)
+    cache_features: Literal["momentum", "online"] = "momentum"  # docs/method.md step 6 (choice)
     kmeans_mode: Literal["gather", "sharded"] = "gather"  # "sharded" when the union does not fit one rank
     kmeans_iters: int = 20
 
@@ -216,13 +220,9 @@ def shipped_recipes() -> str:
 
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Recipe YAML, then ``dotted.key=value`` overrides (values parsed as YAML), validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist; recipes: {shipped_recipes()}")
-    values = _parse_yaml(path.read_text(), f"recipe {str(path)!r}") or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections")
+    """Recipe YAML (over its ``base``, if it names one), then ``dotted.key=value`` overrides (values parsed as
+    YAML), validated."""
+    values = _read_recipe(Path(path))
     for text in overrides:
         keys, value = _parse_override(text)
         node = values
@@ -234,6 +234,30 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     config = _build(Config, values, "")
     validate(config)
     return config
+
+
+def _read_recipe(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's sections. A top-level ``base: other.yaml`` (a path relative to the recipe) is read first and
+    the recipe laid over it: mappings merged key by key, any other value replaced (a list of crops whole)."""
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist; recipes: {shipped_recipes()}")
+    values = _parse_yaml(path.read_text(), f"recipe {str(path)!r}") or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or path.resolve() in including:
+        raise ConfigError(f"recipe {str(path)!r}: base must name another recipe (not itself), got {base!r}")
+    return _laid_over(_read_recipe(path.parent / base, (*including, path.resolve())), values)
+
+
+def _laid_over(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in values.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _laid_over(merged[key], value) if both else value
+    return merged
 
 
 def validate(config: Config) -> None:
@@ -248,7 +272,7 @@ def validate(config: Config) -> None:
         (run.seed >= 0, "run.seed must not be negative"),
         (all(t in trackers for t in run.trackers),
          f"run.trackers: {run.trackers} names an unknown tracker; Accelerate's are {', '.join(trackers)}"),
-        (optim.base_lr > 0, "optim.base_lr must be positive"),
+        (optim.base_lr >= 0, "optim.base_lr must not be negative"),
         (optim.final_lr >= 0, "optim.final_lr must not be negative"),
         (0 <= optim.momentum < 1, "optim.momentum must lie in [0, 1)"),
         (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be 2 values in [0, 1)"),
@@ -261,7 +285,14 @@ def validate(config: Config) -> None:
         (0 <= config.grouping.beta_end <= 1 and 0 <= config.grouping.beta_start <= 1,
          "grouping.beta_start/beta_end must lie in [0, 1]"),
         (0 <= config.optim.ema_start <= 1, "optim.ema_start must lie in [0, 1]"),
-        (config.grouping.regroup_every > 0, "grouping.regroup_every must be positive"),
+        (config.grouping.regroup_every >= 0, "grouping.regroup_every must not be negative (0: never re-group)"),
+        (config.grouping.reset_every is None or config.grouping.reset_every > 0,
+         "grouping.reset_every must be positive (null: reset at each re-grouping)"),
+        (config.grouping.reset_every is None or config.grouping.reset_momentum,
+         "grouping.reset_every needs grouping.reset_momentum=true"),
+        (not config.grouping.reset_momentum or config.grouping.reset_every or config.grouping.regroup_every,
+         ("grouping.reset_momentum=true with grouping.regroup_every=0 needs grouping.reset_every (steps between "
+          "resets), or set grouping.reset_momentum=false")),
         (config.grouping.num_groups >= 2, "grouping.num_groups must be at least 2"),
         (config.run.max_steps is None or config.run.max_steps > 0, "run.max_steps must be positive"),
         (config.run.keep_last >= 1, "run.keep_last must be at least 1"),

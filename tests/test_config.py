@@ -39,7 +39,7 @@ def test_load_with_overrides_and_dump(recipe, tmp_path):
     ("run.max_nonfinite_steps=0", "run.max_nonfinite_steps must be at least 1"),
     ("run.seed=-1", "run.seed must not be negative"),
     ("run.trackers=[tensorbord]", "run.trackers: ['tensorbord'] names an unknown tracker; Accelerate's are"),
-    ("optim.base_lr=-0.1", "optim.base_lr must be positive"),
+    ("optim.base_lr=-0.1", "optim.base_lr must not be negative"),
     ("optim.final_lr=-1e-6", "optim.final_lr must not be negative"),
     ("optim.momentum=1", "optim.momentum must lie in [0, 1)"),
     ("optim.momentum=-0.5", "optim.momentum must lie in [0, 1)"),
@@ -54,10 +54,17 @@ def test_load_with_overrides_and_dump(recipe, tmp_path):
     ("data.crops=[{size: 32, count: 2, scale: [0, 0.5]}]", "scale must satisfy 0 < lo <= hi <= 1"),
     ("data.crops=[{size: 32, count: 2, scale: [0.5, 1.5]}]", "scale must satisfy 0 < lo <= hi <= 1"),
     ("optim.epochs=[1", "override 'optim.epochs=[1': invalid YAML"),
+    # The ablation switches (docs/method.md "Ablations").
+    ("grouping.update=mean", "grouping.update: 'mean' is not one of 'momentum', 'adopt_latest', 'averaging'"),
+    ("grouping.beta_schedule=cosine", "grouping.beta_schedule: 'cosine' is not one of 'linear', 'fixed'"),
+    ("grouping.regroup_every=-1", "grouping.regroup_every must not be negative (0: never re-group)"),
+    ("grouping.reset_every=0", "grouping.reset_every must be positive"),
+    ("grouping.reset_every=10 grouping.reset_momentum=false", "grouping.reset_every needs grouping.reset_momentum=true"),
+    ("grouping.regroup_every=0", "grouping.reset_momentum=true with grouping.regroup_every=0 needs grouping.reset_every"),
 ])
 def test_errors_name_the_key(recipe, override, message):
     with pytest.raises(ConfigError) as err:
-        config.load(recipe, [override])
+        config.load(recipe, override.split(" ") if "grouping.reset" in override else [override])
     assert message in str(err.value)
 
 
@@ -94,3 +101,13 @@ def test_missing_recipe_and_impossible_launches(recipe, tmp_path):
         config.derive(config.load(recipe), world_size=3, num_samples=10_000)
     with pytest.raises(ConfigError, match="gives no whole step of optim.global_batch_size=64"):
         config.derive(config.load(recipe, ["grouping.num_groups=10"]), world_size=1, num_samples=10)
+
+
+def test_the_four_rows_of_table_7b_are_expressible(recipe):
+    """None, periodic clustering, clustering + reset (the default), reset alone."""
+    rows = {"none": ["grouping.regroup_every=0", "grouping.reset_momentum=false"],
+            "clustering": ["grouping.reset_momentum=false"], "clustering_reset": [],
+            "reset": ["grouping.regroup_every=0", "grouping.reset_every=300"]}
+    loaded = {name: config.load(recipe, overrides).grouping for name, overrides in rows.items()}
+    assert [(g.regroup_every, g.reset_momentum, g.reset_every) for g in loaded.values()] == [
+        (0, False, None), (300, False, None), (300, True, None), (0, True, 300)]

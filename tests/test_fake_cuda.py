@@ -19,11 +19,12 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from smog_scale import kmeans
 from smog_scale.accumulation import StepAccumulator
 from smog_scale.data.multicrop import normalize
-from smog_scale.engine import grouping_step, step_flags
+from smog_scale.engine import step_flags
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
 from smog_scale.metrics import assignment_health, cluster_size_health
 from smog_scale.models.smog import SMoGModel
+from smog_scale.objectives import grouping_step
 
 K, D, B = 8, 16, 4  # groups, feature dimension, images per view
 
@@ -67,9 +68,9 @@ def test_forward_under_bf16_autocast_and_grouping_step(model, cuda):
     assert {p.dtype for p in model.momentum.parameters()} == {torch.float32}
     groups = GroupBank(K, D).to(cuda).groups
     result = grouping_step(out, groups, beta=0.99, tau=0.1)
-    assert result.loss.dtype == result.new_groups.dtype == result.sums.dtype == torch.float32
-    assert result.counts.shape == (K,) and result.cache_feats.shape == (2 * B, D)
-    assert {t.device for t in result} == {cuda}
+    assert result.loss.dtype == result.new_groups.dtype == result.stats.sums.dtype == torch.float32
+    assert result.stats.counts.shape == (K,) and result.cache_feats.shape == (2 * B, D)
+    assert {t.device for t in (*result[:2], *result.stats[:2], *result[3:])} == {cuda}
     assert step_flags(result.ok, stop_signal=False, skipped_samples=3).shape == (3,)
 
 
@@ -92,13 +93,13 @@ def test_deepspeed_precision_forward_and_ema(model, cuda):
 def test_step_commit_discard_cache_and_ema(model, cuda):
     model = model.to(cuda)
     bank, cache = GroupBank(K, D).to(cuda), FeatureCache(32, D).to(cuda)
-    accumulator = StepAccumulator(K, D, cuda)
+    accumulator = StepAccumulator(cuda)
     for skipped in (True, False):
         accumulator.start(model.buffers())
         for _ in range(2):  # two micro-batches against the same G
             result = grouping_step(model(crops(cuda)), bank.groups, beta=0.99, tau=0.1)
             ids = torch.arange(2 * B, device=cuda)
-            accumulator.add(result.sums, result.counts, result.loss, result.cache_feats, ids, nonfinite=False)
+            accumulator.add(result.stats, result.loss, result.cache_feats, ids, nonfinite=False)
         metrics = {"loss": accumulator.mean_loss(), **assignment_health(accumulator.counts)}
         if skipped:
             accumulator.discard()

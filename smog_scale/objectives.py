@@ -1,0 +1,54 @@
+"""What one micro-batch computes from the networks' outputs: SMoG's grouping and group contrast loss
+(docs/method.md "One training step"), pure functions of tensors shared by the trainer, the tests and the
+benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from smog_scale.grouping import GroupStatistics, Update, assign, group_update
+from smog_scale.loss import group_contrast_loss
+from smog_scale.models.smog import SMoGOutput
+
+
+class GroupingStep(NamedTuple):
+    """loss: scalar; new_groups: [K, D] g'; stats: the global-batch statistics g' was built from;
+    cache_feats: [G*B, D] normalized features of the global views for the cache; ok: 0-dim bool, everything
+    finite."""
+
+    loss: torch.Tensor
+    new_groups: torch.Tensor
+    stats: GroupStatistics
+    cache_feats: torch.Tensor
+    ok: torch.Tensor
+
+
+def grouping_step(
+    out: SMoGOutput, groups: torch.Tensor, beta: float, tau: float, cache_online: bool = False,
+    update: Update = "momentum", updates: torch.Tensor | None = None,
+) -> GroupingStep:
+    """docs/method.md steps 1-4 on one rank's model outputs; the update covers all ranks. ``update`` is the
+    group-update rule and ``updates`` [K] the groups' update counts (the averaging rule's; ``GroupBank.updates``).
+
+    With gradient accumulation this runs once per micro-batch against the same G (the step's G is
+    committed only at its end, from every micro-batch's ``stats``: ``smog_scale.accumulation``).
+    The loss here uses this micro-batch's own partial update g'_j = beta * g + (1 - beta) * mean_j, where one
+    process on the whole global batch would use the mean over all micro-batches: g'_j - g' = (1 - beta) *
+    (mean_j - mean), so the loss and its gradient differ by a term of order 1 - beta (zero at beta = 1, where
+    g' = g). Labels, assignments and the committed G are unaffected.
+    """
+    num_global, batch = out.e.shape[:2]
+    dtype = torch.promote_types(out.z.dtype, torch.float32)
+    with torch.autocast(out.z.device.type, enabled=False):  # grouping in float32 at least
+        e = F.normalize(out.e.to(dtype), dim=-1)
+        z_global = F.normalize(out.z[:num_global].to(dtype), dim=-1).flatten(0, 1)
+        labels = assign(groups, e.flatten(0, 1)).view(num_global, batch)  # step 1
+        new = group_update(groups, z_global, assign(groups, z_global), beta, update, updates)  # steps 2-3
+    loss = group_contrast_loss(out.p, labels, new.new_groups, tau)  # step 4
+    cache_feats = z_global.detach() if cache_online else e.flatten(0, 1)  # step 6 (choice)
+    ok = torch.isfinite(loss) & torch.isfinite(new.new_groups).all() & torch.isfinite(cache_feats).all()
+    return GroupingStep(loss, new.new_groups, new.stats, cache_feats, ok)
