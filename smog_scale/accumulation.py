@@ -21,9 +21,9 @@ from smog_scale.grouping import GroupBank, GroupStatistics, Update, merge_statis
 
 class StepAccumulator:
     """The global batch's group statistics over the micro-batches seen so far (``stats``: sums [K, D] in
-    float32, counts [K], the random picks), the cache rows waiting for the commit, the summed loss, whether
-    any micro-batch was non-finite on some rank, and the model's buffers as they were before the step's
-    first forward."""
+    float32, counts [K], the random picks; None under the BYOL objective), the cache rows waiting for the
+    commit, the summed loss, whether any micro-batch was non-finite on some rank, and the model's buffers as
+    they were before the step's first forward."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -38,24 +38,19 @@ class StepAccumulator:
         """Before the step's first forward: copy the model's ``buffers`` so that a skipped step restores them."""
         self.buffers = [(b, b.clone()) for b in buffers]
 
-    def add(self, stats: GroupStatistics, loss: torch.Tensor, cache_feats: torch.Tensor, cache_ids: torch.Tensor,
-            nonfinite: bool) -> None:
-        """One micro-batch: its global statistics, loss (0-dim), cache rows (features [N, D], ids [N]) and whether
-        it was non-finite on any rank (a host bool every rank shares)."""
-        detached = GroupStatistics(*(None if t is None else t.detach() for t in stats))
-        detached = detached._replace(sums=detached.sums.float())
-        self.stats = detached if self.stats is None else merge_statistics(self.stats, detached)
+    def add(self, loss: torch.Tensor, nonfinite: bool, stats: GroupStatistics | None = None,
+            rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """One micro-batch: its loss (0-dim), whether it was non-finite on any rank (a host bool every rank
+        shares), and for SMoG its global statistics and cache rows (features [N, D], ids [N])."""
         self.loss += loss.detach().float()
         self.micro_batches += 1
         self.nonfinite |= nonfinite
-        self.rows.append((cache_feats.detach(), cache_ids))
-
-    @property
-    def counts(self) -> torch.Tensor:
-        """[K] members of each group over the step's global batch so far."""
-        if self.stats is None:
-            raise ValueError("no micro-batch was added to this step")
-        return self.stats.counts
+        if stats is not None:
+            detached = GroupStatistics(*(None if t is None else t.detach() for t in stats))
+            detached = detached._replace(sums=detached.sums.float())
+            self.stats = detached if self.stats is None else merge_statistics(self.stats, detached)
+        if rows is not None:
+            self.rows.append((rows[0].detach(), rows[1]))
 
     def mean_loss(self) -> torch.Tensor:
         """The step's loss: the mean over its micro-batches (0-dim, on the device)."""

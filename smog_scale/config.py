@@ -71,6 +71,9 @@ class ModelConfig:
     sync_bn: bool = True  # SyncBatchNorm in backbone and heads with several CUDA ranks (CPU ranks: per-rank BN)
     channels_last: bool = True  # faster convolutions on GPU; ignored for transformers
     compile: bool = False  # torch.compile the model
+    # "smog": group contrast (docs/method.md); "byol": the instance-level control, the same networks with
+    # BYOL's loss and no grouping (every grouping.* key is then unused: no k-means, cache or G updates)
+    objective: Literal["smog", "byol"] = "smog"
 
 
 @dataclass(frozen=True)
@@ -354,7 +357,7 @@ def derive(config: Config, world_size: int, num_samples: int) -> Derived:
             f"optim.global_batch_size={optim.global_batch_size} is not divisible by world size {world_size} "
             f"x optim.grad_accum_steps={optim.grad_accum_steps}"
         )
-    if grouping.num_groups > grouping.cache_size * world_size:
+    if config.model.objective == "smog" and grouping.num_groups > grouping.cache_size * world_size:
         raise ConfigError(
             f"grouping.num_groups={grouping.num_groups} exceeds the feature cache: grouping.cache_size="
             f"{grouping.cache_size} x {world_size} rank(s) = {grouping.cache_size * world_size} features"

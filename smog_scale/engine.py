@@ -24,7 +24,7 @@ from smog_scale.data.multicrop import normalize
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
 from smog_scale.metrics import assignment_health
-from smog_scale.objectives import grouping_step
+from smog_scale.objectives import GroupingStep, objective_step
 from smog_scale.optim import set_learning_rate
 
 
@@ -78,21 +78,22 @@ def train_step(state: TrainState, batch: dict) -> StepEnd | None:
     step, total = state.global_step, derived.total_steps
     set_learning_rate(state.optimizer, schedules.learning_rate(
         step, total, derived.scaled_lr, derived.warmup_steps, cfg.optim.final_lr))
-    g = cfg.grouping
-    beta = schedules.group_beta(step, total, g.beta_start, g.beta_end, g.beta_schedule)
+    beta = schedules.group_beta(step, total, cfg.grouping.beta_start, cfg.grouping.beta_end, cfg.grouping.beta_schedule)
     crops = [normalize(c.to(acc.device, non_blocking=True)) for c in batch["crops"]]
     if state.accumulator.micro_batches == 0:
         state.accumulator.start(state.model.buffers())
     with acc.accumulate(state.model):
         with acc.autocast():
             out = state.model(crops)
-        result = grouping_step(out, state.bank.groups, beta, g.tau, g.cache_features == "online", g.update,
-                               state.bank.updates)
+        result = objective_step(out, cfg, state.bank, beta)
         bad_ranks, stop_ranks, skipped = step_flags(result.ok, state.stop_signal, batch.get("skipped", 0)).tolist()
         state.stop_requested = stop_ranks > 0
         state.skipped_samples += int(skipped)
-        ids = torch.tensor([zlib.crc32(k.encode()) for k in batch["key"]], device=acc.device).repeat(out.e.shape[0])
-        state.accumulator.add(result.stats, result.loss, result.cache_feats, ids, bad_ranks > 0)
+        if isinstance(result, GroupingStep):
+            ids = torch.tensor([zlib.crc32(k.encode()) for k in batch["key"]], device=acc.device)
+            state.accumulator.add(result.loss, bad_ranks > 0, result.stats, (result.cache_feats, ids.repeat(out.e.shape[0])))
+        else:
+            state.accumulator.add(result.loss, bad_ranks > 0)
         if not state.accumulator.nonfinite:
             acc.backward(result.loss)
         return finish_step(state, beta) if acc.sync_gradients else None
@@ -118,8 +119,9 @@ def finish_step(state: TrainState, beta: float) -> StepEnd:
         optimizer.step()  # under DeepSpeed a no-op: the engine stepped in acc.backward
     skipped = "nonfinite" if pending.nonfinite else "overflow" if optimizer.step_was_skipped else None
     optimizer.zero_grad(set_to_none=True)
-    metrics = {"loss": pending.mean_loss(), "lr": optimizer.param_groups[0]["lr"], "beta": beta,
-               **assignment_health(pending.counts)}
+    metrics: dict[str, torch.Tensor | float] = {"loss": pending.mean_loss(), "lr": optimizer.param_groups[0]["lr"]}
+    if pending.stats is not None:  # SMoG (the BYOL objective has no groups)
+        metrics.update(beta=beta, **assignment_health(pending.stats.counts))
     if skipped is None:
         pending.commit(state.bank, state.cache, beta, cfg.grouping.update)
         acc.unwrap_model(state.model).update_momentum(

@@ -94,8 +94,9 @@ class RunLog:
                   "peak_memory_gb": _peak_memory_gb(state.accelerator.device), "time": time.time()}
         self._write(record, step)
         self.bar.update(step - self.bar.n)
+        groups = {"groups": int(record["groups_used"])} if "groups_used" in record else {}  # none under BYOL
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}",
-                             wait=f"{record['data_wait_share']:.0%}", groups=int(record["groups_used"]))
+                             wait=f"{record['data_wait_share']:.0%}", **groups)
         self.window_start, self.window_step, self.waited = now, step, 0.0
 
     def event(self, step: int, name: str, values: dict[str, float]) -> None:

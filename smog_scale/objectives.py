@@ -1,5 +1,6 @@
-"""What one micro-batch computes from the networks' outputs: SMoG's grouping and group contrast loss
-(docs/method.md "One training step"), pure functions of tensors shared by the trainer, the tests and the
+"""What one micro-batch computes from the networks' outputs, by the recipe's ``model.objective``: SMoG's
+grouping and group contrast loss (docs/method.md "One training step"), or BYOL's loss for the instance-level
+control (docs/method.md "The BYOL control"). Functions of tensors shared by the trainer, the tests and the
 benchmarks.
 """
 
@@ -10,8 +11,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from smog_scale.grouping import GroupStatistics, Update, assign, group_update
-from smog_scale.loss import group_contrast_loss
+from smog_scale.config import Config
+from smog_scale.grouping import GroupBank, GroupStatistics, Update, assign, group_update
+from smog_scale.loss import byol_loss, group_contrast_loss
 from smog_scale.models.smog import SMoGOutput
 
 
@@ -52,3 +54,25 @@ def grouping_step(
     cache_feats = z_global.detach() if cache_online else e.flatten(0, 1)  # step 6 (choice)
     ok = torch.isfinite(loss) & torch.isfinite(new.new_groups).all() & torch.isfinite(cache_feats).all()
     return GroupingStep(loss, new.new_groups, new.stats, cache_feats, ok)
+
+
+class ByolStep(NamedTuple):
+    """loss: scalar; ok: 0-dim bool, the loss finite. No groups, statistics or cache rows."""
+
+    loss: torch.Tensor
+    ok: torch.Tensor
+
+
+def byol_step(out: SMoGOutput) -> ByolStep:
+    """BYOL's loss on one rank's outputs: every view's prediction against the momentum encoder's projection of
+    the global views (docs/method.md "The BYOL control")."""
+    loss = byol_loss(out.p, out.e)
+    return ByolStep(loss, torch.isfinite(loss))
+
+
+def objective_step(out: SMoGOutput, cfg: Config, bank: GroupBank, beta: float) -> GroupingStep | ByolStep:
+    """The recipe's objective on one micro-batch's outputs (``bank``: G and its update counts, for SMoG)."""
+    if cfg.model.objective == "byol":
+        return byol_step(out)
+    g = cfg.grouping
+    return grouping_step(out, bank.groups, beta, g.tau, g.cache_features == "online", g.update, bank.updates)

@@ -30,8 +30,11 @@ def reset_due(grouping: GroupingConfig, step: int) -> bool:
 
 
 def after_step(state: TrainState, log: RunLog) -> None:
-    """The periodic events after committed step ``state.global_step``: re-grouping, then a reset on its own period."""
+    """The periodic events after committed step ``state.global_step``: re-grouping, then a reset on its own period
+    (none under the BYOL objective, which has no groups)."""
     grouping, step = state.cfg.grouping, state.global_step
+    if state.cfg.model.objective == "byol":
+        return
     if regroup_due(grouping, step):
         regroup(state, log)
     if reset_due(grouping, step):

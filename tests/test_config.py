@@ -92,7 +92,7 @@ def test_yaml_syntax_error_is_one_line_naming_the_file(tmp_path):
 
 
 def test_missing_recipe_and_impossible_launches(recipe, tmp_path):
-    with pytest.raises(ConfigError, match=r"does not exist; recipes: recipes/demo_cpu.yaml, recipes/r50_400ep.yaml"):
+    with pytest.raises(ConfigError, match=r"does not exist; recipes: recipes/byol_r50_400ep.yaml, recipes/demo_cpu.yaml, recipes/r50_400ep.yaml"):
         config.load(tmp_path / "nope.yaml")
     cfg = config.load(recipe, ["grouping.num_groups=3000", "grouping.cache_size=1000"])
     with pytest.raises(ConfigError, match=r"num_groups=3000 exceeds.*1000 x 2 rank\(s\) = 2000"):

@@ -24,7 +24,7 @@ from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
 from smog_scale.metrics import assignment_health, cluster_size_health
 from smog_scale.models.smog import SMoGModel
-from smog_scale.objectives import grouping_step
+from smog_scale.objectives import byol_step, grouping_step
 
 K, D, B = 8, 16, 4  # groups, feature dimension, images per view
 
@@ -74,6 +74,22 @@ def test_forward_under_bf16_autocast_and_grouping_step(model, cuda):
     assert step_flags(result.ok, stop_signal=False, skipped_samples=3).shape == (3,)
 
 
+def test_byol_step_under_bf16_autocast_commits_no_groups(model, cuda):
+    """The BYOL control's loss on the device in bf16; its step adds no statistics, so the commit leaves G and
+    the cache alone."""
+    model = model.to(cuda)
+    bank, cache = GroupBank(K, D).to(cuda), FeatureCache(32, D).to(cuda)
+    accumulator = StepAccumulator(cuda)
+    accumulator.start(model.buffers())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        result = byol_step(model(crops(cuda)))
+    assert result.loss.dtype == torch.float32 and result.loss.device == result.ok.device == cuda
+    accumulator.add(result.loss, False)
+    assert accumulator.stats is None and accumulator.mean_loss().device == cuda
+    accumulator.commit(bank, cache, beta=0.99)
+    assert bank.groups.device == cache.feats.device == cuda
+
+
 def test_deepspeed_precision_forward_and_ema(model, cuda):
     """As DeepSpeed leaves the model: every parameter in bf16, no autocast; ``settle_dtypes`` puts the
     momentum encoder back in float32 and it computes under CUDA autocast inside ``forward``."""
@@ -99,8 +115,8 @@ def test_step_commit_discard_cache_and_ema(model, cuda):
         for _ in range(2):  # two micro-batches against the same G
             result = grouping_step(model(crops(cuda)), bank.groups, beta=0.99, tau=0.1)
             ids = torch.arange(2 * B, device=cuda)
-            accumulator.add(result.stats, result.loss, result.cache_feats, ids, nonfinite=False)
-        metrics = {"loss": accumulator.mean_loss(), **assignment_health(accumulator.counts)}
+            accumulator.add(result.loss, False, result.stats, (result.cache_feats, ids))
+        metrics = {"loss": accumulator.mean_loss(), **assignment_health(accumulator.stats.counts)}
         if skipped:
             accumulator.discard()
         else:

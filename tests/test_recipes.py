@@ -35,7 +35,8 @@ def test_recipe_builds_on_meta_device(recipe):
 
 def test_all_published_recipes_exist():
     names = {p.stem for p in RECIPES}
-    assert {"r50_400ep", "r50_800ep", "r50_mc_400ep", "r50x2", "r50x4", "swin_t", "swin_t_mc", "demo_cpu"} <= names
+    assert {"r50_400ep", "r50_800ep", "r50_mc_400ep", "r50x2", "r50x4", "swin_t", "swin_t_mc", "demo_cpu",
+            "byol_r50_400ep"} <= names
 
 
 ABLATION_BASE = ROOT / "ablations" / "base_r50_100ep.yaml"
