@@ -87,7 +87,12 @@ class GroupingConfig:
     regroup_every: int = 300  # steps between k-means re-groupings (our choice; paper: "periodically"); 0: never
     reset_momentum: bool = True  # reset the momentum encoder to the online one periodically (paper 7b)
     reset_every: int | None = None  # steps between resets; null: at each re-grouping (needs regroup_every > 0)
-    cache_size: int = 65536  # features kept per rank for k-means; must be >= num_groups / world size
+    # Features k-means clusters: the union of the ranks' FIFO caches, each rank keeping cache_size // world size
+    # (the remainder is dropped, derived.cache_size_per_device says how many); the union must hold K rows.
+    cache_size: int = 65536
+    # A re-grouping needs the caches to hold this many rows per group (or to be full): the first one comes at the
+    # first step they do, before step regroup_every, so that G does not stay random (docs/method.md). >= 1.
+    min_rows_per_group: int = 10
     cache_features: Literal["momentum", "online"] = "momentum"  # docs/method.md step 6 (choice)
     kmeans_mode: Literal["gather", "sharded"] = "gather"  # "sharded" when the union does not fit one rank
     kmeans_iters: int = 20
@@ -297,6 +302,8 @@ def validate(config: Config) -> None:
          ("grouping.reset_momentum=true with grouping.regroup_every=0 needs grouping.reset_every (steps between "
           "resets), or set grouping.reset_momentum=false")),
         (config.grouping.num_groups >= 2, "grouping.num_groups must be at least 2"),
+        (config.grouping.cache_size >= 1, "grouping.cache_size must be positive"),
+        (config.grouping.min_rows_per_group >= 1, "grouping.min_rows_per_group must be at least 1"),
         (config.run.max_steps is None or config.run.max_steps > 0, "run.max_steps must be positive"),
         (config.run.keep_last >= 1, "run.keep_last must be at least 1"),
         (config.data.open_attempts >= 1, "data.open_attempts must be at least 1"),
@@ -342,13 +349,15 @@ class Derived:
     total_steps: int
     warmup_steps: int
     scaled_lr: float
+    cache_size_per_device: int  # grouping.cache_size // world_size rows in each rank's feature cache
 
 
 def derive(config: Config, world_size: int, num_samples: int) -> Derived:
     """Per-device batch, schedule lengths and the scaled learning rate for this launch.
 
     Raises ConfigError when the global batch does not split evenly over ranks x accumulation, when
-    the union of the feature caches cannot hold K groups, or when an epoch is shorter than a step.
+    the union of the feature caches (each rank's share of ``grouping.cache_size``) cannot hold K groups, or
+    when an epoch is shorter than a step.
     """
     optim, grouping = config.optim, config.grouping
     split = world_size * optim.grad_accum_steps
@@ -357,10 +366,12 @@ def derive(config: Config, world_size: int, num_samples: int) -> Derived:
             f"optim.global_batch_size={optim.global_batch_size} is not divisible by world size {world_size} "
             f"x optim.grad_accum_steps={optim.grad_accum_steps}"
         )
-    if config.model.objective == "smog" and grouping.num_groups > grouping.cache_size * world_size:
+    share = grouping.cache_size // world_size
+    if config.model.objective == "smog" and grouping.num_groups > share * world_size:
         raise ConfigError(
             f"grouping.num_groups={grouping.num_groups} exceeds the feature cache: grouping.cache_size="
-            f"{grouping.cache_size} x {world_size} rank(s) = {grouping.cache_size * world_size} features"
+            f"{grouping.cache_size} leaves each of {world_size} rank(s) {share} rows ({share * world_size} in all), "
+            f"below K / world size = {grouping.num_groups / world_size:g}"
         )
     # What the loader yields per rank: whole batches, split evenly over its workers.
     workers = max(1, config.data.num_workers)
@@ -377,6 +388,7 @@ def derive(config: Config, world_size: int, num_samples: int) -> Derived:
         total_steps=steps_per_epoch * optim.epochs,
         warmup_steps=round(steps_per_epoch * optim.warmup_epochs),
         scaled_lr=optim.base_lr * optim.global_batch_size / 256,
+        cache_size_per_device=share,
     )
 
 

@@ -4,12 +4,13 @@ due (pure functions of ``global_step``), and the re-grouping itself (k-means ove
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
 
-from smog_scale import dist
-from smog_scale.config import GroupingConfig
+from smog_scale import config, dist
+from smog_scale.config import Config, Derived, GroupingConfig
 from smog_scale.kmeans import fit as kmeans_fit
 
 if TYPE_CHECKING:
@@ -17,9 +18,34 @@ if TYPE_CHECKING:
     from smog_scale.metrics import RunLog
 
 
-def regroup_due(grouping: GroupingConfig, step: int) -> bool:
-    """Whether a re-grouping follows optimizer step ``step``: every ``regroup_every`` steps (0: never)."""
-    return grouping.regroup_every > 0 and step % grouping.regroup_every == 0
+def rows_needed(cfg: Config, derived: Derived) -> int:
+    """Cached rows (the union over ranks) a re-grouping needs: ``min_rows_per_group`` x K, or the full caches."""
+    grouping = cfg.grouping
+    return min(grouping.min_rows_per_group * grouping.num_groups, derived.cache_size_per_device * derived.world_size)
+
+
+def first_regroup_step(cfg: Config, derived: Derived) -> int:
+    """The first optimizer step after which the caches hold :func:`rows_needed` rows: every committed step
+    pushes each global view of the global batch (skipped steps push nothing and do not count)."""
+    specs = config.crop_specs(cfg)
+    global_views = sum(spec.count for spec in specs if spec.size == specs[0].size)
+    return math.ceil(rows_needed(cfg, derived) / (global_views * cfg.optim.global_batch_size))
+
+
+def regroup_due(cfg: Config, derived: Derived, step: int) -> bool:
+    """Whether a re-grouping follows optimizer step ``step``: as soon as the caches hold enough rows
+    (:func:`first_regroup_step`), and every ``regroup_every`` steps (0: never, nor early)."""
+    every = cfg.grouping.regroup_every
+    return every > 0 and (step % every == 0 or step == first_regroup_step(cfg, derived))
+
+
+def schedule(cfg: Config, derived: Derived) -> str:
+    """One line for the log: when this run re-groups."""
+    every = cfg.grouping.regroup_every
+    if cfg.model.objective == "byol" or not every:
+        return "re-grouping: never (" + ("model.objective=byol)" if every else "grouping.regroup_every=0)")
+    return (f"re-grouping: first after step {first_regroup_step(cfg, derived)} (when the caches hold "
+            f"{rows_needed(cfg, derived)} rows), then every {every} steps")
 
 
 def reset_due(grouping: GroupingConfig, step: int) -> bool:
@@ -35,7 +61,7 @@ def after_step(state: TrainState, log: RunLog) -> None:
     grouping, step = state.cfg.grouping, state.global_step
     if state.cfg.model.objective == "byol":
         return
-    if regroup_due(grouping, step):
+    if regroup_due(state.cfg, state.derived, step):
         regroup(state, log)
     if reset_due(grouping, step):
         state.accelerator.unwrap_model(state.model).reset_momentum()
@@ -44,11 +70,13 @@ def after_step(state: TrainState, log: RunLog) -> None:
 
 def regroup(state: TrainState, log: RunLog) -> None:
     """k-means over all ranks' caches -> G, then (``grouping.reset_momentum`` without its own period) reset the
-    momentum encoder. Skipped, saying so, while the caches hold fewer rows than K."""
+    momentum encoder. Skipped, saying so, while the caches hold fewer rows than :func:`rows_needed`."""
     feats, _ = state.cache.contents()
     available = int(dist.all_reduce_sum(torch.tensor([feats.shape[0]], device=feats.device)).item())
-    if available < state.bank.num_groups:
-        log.message(f"step {state.global_step}: re-grouping skipped, {available} cached features < K")
+    needed = rows_needed(state.cfg, state.derived)
+    if available < needed:
+        log.message(f"step {state.global_step}: re-grouping skipped, {available} cached features < {needed} "
+                    f"(grouping.min_rows_per_group x K, or the full caches)")
         return
     g = state.cfg.grouping
     try:

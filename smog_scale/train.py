@@ -65,7 +65,7 @@ def build(cfg: config.Config, accelerator: Accelerator, derived: config.Derived 
         model = torch.compile(model)
     bank = GroupBank(cfg.grouping.num_groups, mc.proj_dim).to(accelerator.device)
     dist.broadcast(bank.groups)
-    cache = FeatureCache(cfg.grouping.cache_size, mc.proj_dim).to(accelerator.device)
+    cache = FeatureCache(derived.cache_size_per_device, mc.proj_dim).to(accelerator.device)
     return TrainState(cfg, derived, accelerator, model, optimizer, bank, cache)
 
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_training(state: TrainState, run: run_dir.Run) -> int:
     """Resume if decided, then train until done, pre-empted or stopped; failures end with one line."""
     log = RunLog(state)
-    for note in run.notes:
+    for note in (*run.notes, regrouping.schedule(state.cfg, state.derived)):
         log.message(note)
     if run.resume_from is not None:
         for key, value in checkpoint.load(state.accelerator, run.resume_from, state.bank, state.cache).items():

@@ -36,7 +36,10 @@ def test_byol_trains_resumes_and_exports_without_grouping(tmp_path, shards):  # 
     assert [r["loss"] for r in logged] == [r["loss"] for r in lines(resumed) if "loss" in r]
     assert len(logged) == 6 and all(0 <= r["loss"] <= 8 for r in logged)  # 2 x (2 - 2 cos) lies in [0, 8]
     assert not {"groups_used", "beta"} & set(logged[0])  # no group statistics are made
-    assert not [r for r in lines(straight) if r.get("event") == "regroup" or "re-group" in r.get("message", "")]
+    messages = [r["message"] for r in lines(straight) if "message" in r]
+    assert "re-grouping: never (model.objective=byol)" in messages
+    assert not [r for r in lines(straight) if r.get("event") == "regroup"]
+    assert not [m for m in messages if "re-grouping skipped" in m or "re-grouped" in m or "momentum encoder reset" in m]
     # G did not move from step 3 to 6 (TINY re-groups every 3 steps under SMoG, and commits every step) and
     # nothing was cached.
     at_3, at_6 = sorted((resumed / "checkpoints").glob("step_*"))

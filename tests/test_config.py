@@ -94,9 +94,12 @@ def test_yaml_syntax_error_is_one_line_naming_the_file(tmp_path):
 def test_missing_recipe_and_impossible_launches(recipe, tmp_path):
     with pytest.raises(ConfigError, match=r"does not exist; recipes: recipes/byol_r50_400ep.yaml, recipes/demo_cpu.yaml, recipes/r50_400ep.yaml"):
         config.load(tmp_path / "nope.yaml")
-    cfg = config.load(recipe, ["grouping.num_groups=3000", "grouping.cache_size=1000"])
-    with pytest.raises(ConfigError, match=r"num_groups=3000 exceeds.*1000 x 2 rank\(s\) = 2000"):
-        config.derive(cfg, world_size=2, num_samples=10_000)
+    cfg = config.load(recipe, ["grouping.num_groups=3000", "grouping.cache_size=1000", "optim.global_batch_size=48"])
+    with pytest.raises(ConfigError, match=r"num_groups=3000 exceeds the feature cache: grouping.cache_size=1000 "
+                                          r"leaves each of 3 rank\(s\) 333 rows \(999 in all\), below K / world size = 1000"):
+        config.derive(cfg, world_size=3, num_samples=10_000)
+    fits = config.load(recipe, ["grouping.num_groups=999", "grouping.cache_size=1000", "optim.global_batch_size=48"])
+    assert config.derive(fits, world_size=3, num_samples=10_000).cache_size_per_device == 333  # equal shares, rounded down
     with pytest.raises(ConfigError, match="global_batch_size=64 is not divisible by world size 3"):
         config.derive(config.load(recipe), world_size=3, num_samples=10_000)
     with pytest.raises(ConfigError, match="gives no whole step of optim.global_batch_size=64"):

@@ -8,7 +8,7 @@ import torch
 from steps import BATCH, synthetic_batch, tiny_state
 from test_train import shards  # noqa: F401  (module fixture)
 
-from smog_scale import regrouping
+from smog_scale import config, regrouping
 from smog_scale.engine import TrainState, train_step
 
 
@@ -42,7 +42,8 @@ ROWS = {  # Table 7b row: (overrides, steps re-grouped, steps after which the mo
 @pytest.mark.parametrize("row", ROWS)
 def test_table_7b_rows(tmp_path, shards, row):  # noqa: F811
     overrides, regrouped, reset = ROWS[row]
-    state = tiny_state(tmp_path, shards, "grouping.regroup_every=2", *overrides)
+    # 2 views x 8 images a step: 4 rows per group (K = 8) are there after step 2, the first periodic re-grouping
+    state = tiny_state(tmp_path, shards, "grouping.regroup_every=2", "grouping.min_rows_per_group=4", *overrides)
     log, was_reset = Log(), []
     for step in range(4):
         train_step(state, synthetic_batch(step, 0))
@@ -59,3 +60,34 @@ def test_table_7b_rows(tmp_path, shards, row):  # noqa: F811
     if not regrouped:
         assert state.bank.updates.max() == 4  # never re-grouped: counts since the start
     assert BATCH * 2 * 4 == int(state.cache.filled)
+
+
+@pytest.mark.parametrize(("overrides", "world", "first"), [
+    ([], 1, 5),  # 10 rows x K = 8 groups = 80 rows; 2 global views x 8 images = 16 rows a step
+    (["grouping.min_rows_per_group=2"], 1, 1),
+    (["grouping.cache_size=48"], 1, 3),  # the full caches, when they hold less than 10 rows per group
+    (["grouping.cache_size=50"], 2, 4),  # 25 rows on each of 2 ranks: 50 in all; still 16 rows a step over both
+    (["grouping.num_groups=4", "grouping.cache_size=40", "optim.global_batch_size=16"], 1, 2),
+])
+def test_first_regroup_step_is_when_the_caches_hold_enough_rows(tmp_path, shards, overrides, world, first):  # noqa: F811
+    cfg = tiny_state(tmp_path, shards, *overrides).cfg
+    assert regrouping.first_regroup_step(cfg, config.derive(cfg, world, num_samples=640)) == first
+
+
+def test_trainer_regroups_as_soon_as_the_caches_hold_enough_then_periodically(tmp_path, shards):  # noqa: F811
+    state = tiny_state(tmp_path, shards, "grouping.regroup_every=3")
+    log = Log()
+    for step in range(7):
+        train_step(state, synthetic_batch(step, 0))
+        regrouping.after_step(state, log)
+    assert log.regroups == [5, 6]  # step 3's periodic one finds 48 rows < 80: skipped, G kept
+    assert log.messages == ["step 3: re-grouping skipped, 48 cached features < 80 (grouping.min_rows_per_group x K, "
+                            "or the full caches)"]
+
+
+def test_schedule_line(tmp_path, shards):  # noqa: F811
+    state = tiny_state(tmp_path, shards, "grouping.regroup_every=3")
+    assert regrouping.schedule(state.cfg, state.derived) == (
+        "re-grouping: first after step 5 (when the caches hold 80 rows), then every 3 steps")
+    state = tiny_state(tmp_path, shards, "model.objective=byol")
+    assert regrouping.schedule(state.cfg, state.derived) == "re-grouping: never (model.objective=byol)"
