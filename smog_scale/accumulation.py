@@ -29,6 +29,7 @@ class StepAccumulator:
         self.device = device
         self.stats: GroupStatistics | None = None
         self.loss = torch.zeros((), device=device)
+        self.health = torch.zeros(2, device=device)  # summed [label agreement, prediction hit rate]
         self.micro_batches = 0
         self.nonfinite = False
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -39,10 +40,12 @@ class StepAccumulator:
         self.buffers = [(b, b.clone()) for b in buffers]
 
     def add(self, loss: torch.Tensor, nonfinite: bool, stats: GroupStatistics | None = None,
-            rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+            rows: tuple[torch.Tensor, torch.Tensor] | None = None, health: torch.Tensor | None = None) -> None:
         """One micro-batch: its loss (0-dim), whether it was non-finite on any rank (a host bool every rank
-        shares), and for SMoG its global statistics and cache rows (features [N, D], ids [N])."""
+        shares), and for SMoG its global statistics, cache rows (features [N, D], ids [N]) and health [2]."""
         self.loss += loss.detach().float()
+        if health is not None:
+            self.health += health
         self.micro_batches += 1
         self.nonfinite |= nonfinite
         if stats is not None:
@@ -55,6 +58,11 @@ class StepAccumulator:
     def mean_loss(self) -> torch.Tensor:
         """The step's loss: the mean over its micro-batches (0-dim, on the device)."""
         return self.loss / max(self.micro_batches, 1)
+
+    def mean_health(self) -> torch.Tensor:
+        """The step's [label agreement, prediction hit rate] on this rank: means over its micro-batches (equal
+        sizes, so the shares of the rank's whole batch)."""
+        return self.health / max(self.micro_batches, 1)
 
     def commit(self, bank: GroupBank, cache: FeatureCache, beta: float, update: Update = "momentum") -> None:
         """docs/method.md steps 5-6 for the whole step: G <- normalize(g') from the summed statistics by the rule
@@ -76,6 +84,7 @@ class StepAccumulator:
         """Empty the accumulator for the next step."""
         self.stats = None
         self.loss.zero_()
+        self.health.zero_()
         self.micro_batches = 0
         self.nonfinite = False
         self.rows.clear()

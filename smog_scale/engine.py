@@ -91,7 +91,8 @@ def train_step(state: TrainState, batch: dict) -> StepEnd | None:
         state.skipped_samples += int(skipped)
         if isinstance(result, GroupingStep):
             ids = torch.tensor([zlib.crc32(k.encode()) for k in batch["key"]], device=acc.device)
-            state.accumulator.add(result.loss, bad_ranks > 0, result.stats, (result.cache_feats, ids.repeat(out.e.shape[0])))
+            state.accumulator.add(result.loss, bad_ranks > 0, result.stats, (result.cache_feats, ids.repeat(out.e.shape[0])),
+                                  result.health)
         else:
             state.accumulator.add(result.loss, bad_ranks > 0)
         if not state.accumulator.nonfinite:
@@ -121,7 +122,9 @@ def finish_step(state: TrainState, beta: float) -> StepEnd:
     optimizer.zero_grad(set_to_none=True)
     metrics: dict[str, torch.Tensor | float] = {"loss": pending.mean_loss(), "lr": optimizer.param_groups[0]["lr"]}
     if pending.stats is not None:  # SMoG (the BYOL objective has no groups)
-        metrics.update(beta=beta, **assignment_health(pending.stats.counts))
+        agreement, hit_rate = pending.mean_health()
+        metrics.update(beta=beta, label_agreement=agreement, prediction_hit_rate=hit_rate,
+                       **assignment_health(pending.stats.counts))
     if skipped is None:
         pending.commit(state.bank, state.cache, beta, cfg.grouping.update)
         acc.unwrap_model(state.model).update_momentum(

@@ -13,19 +13,21 @@ import torch.nn.functional as F
 
 from smog_scale.config import Config
 from smog_scale.grouping import GroupBank, GroupStatistics, Update, assign, group_update
-from smog_scale.loss import byol_loss, group_contrast_loss
+from smog_scale.loss import byol_loss, group_contrast_loss, pair_weights
 from smog_scale.models.smog import SMoGOutput
 
 
 class GroupingStep(NamedTuple):
     """loss: scalar; new_groups: [K, D] g'; stats: the global-batch statistics g' was built from;
-    cache_feats: [G*B, D] normalized features of the global views for the cache; ok: 0-dim bool, everything
+    cache_feats: [G*B, D] normalized features of the global views for the cache; health: [2] float32 on this
+    rank, the label agreement and the prediction hit rate (:func:`grouping_health`); ok: 0-dim bool, everything
     finite."""
 
     loss: torch.Tensor
     new_groups: torch.Tensor
     stats: GroupStatistics
     cache_feats: torch.Tensor
+    health: torch.Tensor
     ok: torch.Tensor
 
 
@@ -53,7 +55,26 @@ def grouping_step(
     loss = group_contrast_loss(out.p, labels, new.new_groups, tau)  # step 4
     cache_feats = z_global.detach() if cache_online else e.flatten(0, 1)  # step 6 (choice)
     ok = torch.isfinite(loss) & torch.isfinite(new.new_groups).all() & torch.isfinite(cache_feats).all()
-    return GroupingStep(loss, new.new_groups, new.stats, cache_feats, ok)
+    return GroupingStep(loss, new.new_groups, new.stats, cache_feats, grouping_health(out.p, labels, new.new_groups), ok)
+
+
+def grouping_health(preds: torch.Tensor, labels: torch.Tensor, new_groups: torch.Tensor) -> torch.Tensor:
+    """[2] float32 on the device, no host sync (docs/method.md "Grouping health"):
+
+    - label agreement: the share of (sample, pair of distinct global views a, b) with y_a = y_b;
+    - prediction hit rate: the share of the loss's (view v, target t) pairs whose prediction's nearest group
+      in G' is the target's label, argmax_k <p_v, g'_k> = y_t: the accuracy of the classification the loss trains.
+
+    preds: [V, B, D] predictor outputs; labels: [G, B]; new_groups: [K, D] g'.
+    """
+    num_global = labels.shape[0]
+    with torch.no_grad():
+        pairs = pair_weights(preds.shape[0], num_global, preds.device)  # [V, G]
+        same = (labels.unsqueeze(1) == labels.unsqueeze(0)).float().mean(dim=2)  # [G, G], mean over the batch
+        agreement = (same * pairs[:num_global]).sum() / pairs[:num_global].sum()
+        predicted = assign(new_groups.detach().float(), preds.detach().flatten(0, 1).float()).view(preds.shape[:2])
+        hits = (predicted.unsqueeze(1) == labels.unsqueeze(0)).float().mean(dim=2)  # [V, G]
+        return torch.stack([agreement, (hits * pairs).sum() / pairs.sum()])
 
 
 class ByolStep(NamedTuple):

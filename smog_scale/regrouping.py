@@ -11,11 +11,12 @@ import torch
 
 from smog_scale import config, dist
 from smog_scale.config import Config, Derived, GroupingConfig
+from smog_scale.grouping import assign
 from smog_scale.kmeans import fit as kmeans_fit
+from smog_scale.metrics import RunLog, label_churn
 
 if TYPE_CHECKING:
     from smog_scale.engine import TrainState
-    from smog_scale.metrics import RunLog
 
 
 def rows_needed(cfg: Config, derived: Derived) -> int:
@@ -85,7 +86,9 @@ def regroup(state: TrainState, log: RunLog) -> None:
     except ValueError as err:  # raised alike on every rank, e.g. fewer distinct cached rows than K
         log.message(f"step {state.global_step}: re-grouping skipped, groups kept: {err}")
         return
-    state.bank.set(result.centroids.to(state.bank.groups.device))
+    centroids = result.centroids.to(state.bank.groups.device)
+    churn = label_churn(assign(state.bank.groups, feats), assign(centroids, feats), g.num_groups)
+    state.bank.set(centroids)
     if g.reset_momentum and g.reset_every is None:
         state.accelerator.unwrap_model(state.model).reset_momentum()
-    log.regroup(state, result)
+    log.regroup(state, result, churn)

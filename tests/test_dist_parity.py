@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from gloo import run_on_ranks
 
 from smog_scale.grouping import UPDATES
+from smog_scale.metrics import label_churn
 from smog_scale.models.smog import SMoGOutput
 from smog_scale.objectives import grouping_step
 
@@ -43,8 +44,21 @@ def _rank_fn(rank, world):
         # what DDP does with parameter gradients: average over ranks
         grads = {k: dist.all_reduce_sum(g) / world for k, g in grads.items()}
         loss = dist.all_reduce_sum(step.loss.detach()) / world
-        results[update] = {"groups": step.new_groups.detach(), "counts": step.stats.counts, "loss": loss, **grads}
+        health = dist.all_reduce_sum(step.health) / world  # what RunLog logs: the mean over ranks
+        results[update] = {"groups": step.new_groups.detach(), "counts": step.stats.counts, "loss": loss,
+                           "health": health, **grads}
+    old, new = _relabelled()
+    results["churn"] = label_churn(old[rank::world], new[rank::world], NUM_GROUPS)
     return results
+
+
+def _relabelled():
+    """Cached rows' groups under an old and a new G: relabelled, and 30% of the rows moved."""
+    gen = torch.Generator().manual_seed(1)
+    old = torch.randint(0, NUM_GROUPS, (200,), generator=gen)
+    new = torch.randperm(NUM_GROUPS, generator=gen)[old]
+    new[:60] = torch.randint(0, NUM_GROUPS, (60,), generator=gen)
+    return old, new
 
 
 @pytest.mark.slow
@@ -52,9 +66,11 @@ def test_two_ranks_equal_one_process_on_concatenated_batch():
     """Every group-update rule (docs/method.md "Ablations") is synchronous: G' is the global batch's on every rank.
     The deterministic rules also give one process's loss and gradients; random_select draws its members
     differently (its keys come from each rank's generator), so there G' must be identical on both ranks and
-    made of the global batch's members, one per group with members."""
+    made of the global batch's members, one per group with members. The health signals are the global batch's
+    too: the step's as the mean over ranks, the label churn over the union of the ranks' caches."""
     _, images, _ = _problem()
     ranks = run_on_ranks(_rank_fn, 2)
+    assert ranks[0]["churn"] == ranks[1]["churn"] == label_churn(*_relabelled(), NUM_GROUPS) > 0  # the union's
     for update in UPDATES:
         single, single_grads = _step(images, update)
         assert int((single.stats.counts > 0).sum()) > 2, "test needs several groups with members"
@@ -69,6 +85,7 @@ def test_two_ranks_equal_one_process_on_concatenated_batch():
             continue
         torch.testing.assert_close(first["groups"], single.new_groups.detach(), rtol=1e-5, atol=1e-12, msg=update)
         torch.testing.assert_close(first["loss"], single.loss.detach(), rtol=1e-5, atol=0, msg=update)
+        torch.testing.assert_close(first["health"], single.health, rtol=1e-6, atol=0, msg=update)
         for name, grad in single_grads.items():
             assert grad.abs().max() > 0
             torch.testing.assert_close(first[name], grad, rtol=1e-5, atol=1e-12, msg=f"{update} {name}")

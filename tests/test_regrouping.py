@@ -3,13 +3,16 @@ Table 7b (docs/method.md "Ablations")."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from steps import BATCH, synthetic_batch, tiny_state
-from test_train import shards  # noqa: F401  (module fixture)
+from test_train import ROOT, TINY, shards  # noqa: F401  (shards: module fixture)
 
-from smog_scale import config, regrouping
+from smog_scale import config, regrouping, train
 from smog_scale.engine import TrainState, train_step
+from smog_scale.plots import plot_training_curves
 
 
 class Log:
@@ -22,7 +25,8 @@ class Log:
     def message(self, text: str) -> None:
         self.messages.append(text)
 
-    def regroup(self, state: TrainState, result: object) -> None:
+    def regroup(self, state: TrainState, result: object, churn: float) -> None:
+        assert 0 <= churn <= 1
         self.regroups.append(state.global_step)
 
 
@@ -81,8 +85,8 @@ def test_trainer_regroups_as_soon_as_the_caches_hold_enough_then_periodically(tm
         train_step(state, synthetic_batch(step, 0))
         regrouping.after_step(state, log)
     assert log.regroups == [5, 6]  # step 3's periodic one finds 48 rows < 80: skipped, G kept
-    assert log.messages == ["step 3: re-grouping skipped, 48 cached features < 80 (grouping.min_rows_per_group x K, "
-                            "or the full caches)"]
+    assert log.messages == [("step 3: re-grouping skipped, 48 cached features < 80 (grouping.min_rows_per_group x K, "
+                             "or the full caches)")]
 
 
 def test_schedule_line(tmp_path, shards):  # noqa: F811
@@ -91,3 +95,19 @@ def test_schedule_line(tmp_path, shards):  # noqa: F811
         "re-grouping: first after step 5 (when the caches hold 80 rows), then every 3 steps")
     state = tiny_state(tmp_path, shards, "model.objective=byol")
     assert regrouping.schedule(state.cfg, state.derived) == "re-grouping: never (model.objective=byol)"
+
+
+def test_health_signals_in_the_run_log(tmp_path, shards):  # noqa: F811
+    """Every log step records the label agreement and the prediction hit rate, every re-grouping the label churn
+    (docs/method.md "Grouping health"); tools/plot_metrics.py draws them."""
+    run = tmp_path / "run"
+    assert train.main([str(ROOT / "recipes" / "demo_cpu.yaml"), f"run.output_dir={run}", f"data.train_shards={shards}",
+                       *TINY, "run.max_steps=6"]) == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert len(steps) == 6 and all(0 <= r[k] <= 1 for r in steps for k in ("label_agreement", "prediction_hit_rate"))
+    regroups = [r for r in lines if r.get("event") == "regroup"]
+    assert [r["step"] for r in regroups] == [2, 3, 6] and all(0 <= r["regroup/label_churn"] <= 1 for r in regroups)
+    assert sum("re-grouped, label churn" in r.get("message", "") for r in lines) == 3
+    drawn = plot_training_curves(run / "metrics.jsonl", tmp_path / "curves.png")
+    assert {"label_agreement", "prediction_hit_rate", "regroup/label_churn"} <= set(drawn)
