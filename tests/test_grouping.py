@@ -21,7 +21,7 @@ def reference_assign(groups, feats):
 
 
 def reference_update(groups, feats, beta):
-    """Plain per-group loop of ALGORITHM.md step 3."""
+    """Plain per-group loop of docs/method.md step 3."""
     c = reference_assign(groups, feats)
     new = groups.clone()
     for k in range(groups.shape[0]):

@@ -6,7 +6,7 @@ from smog_scale.loss import byol_loss, group_contrast_loss
 
 
 def reference_loss(preds, labels, groups, tau):
-    """Explicit list of (view, target) pairs, one cross-entropy each (ALGORITHM.md step 4)."""
+    """Explicit list of (view, target) pairs, one cross-entropy each (docs/method.md step 4)."""
     groups = F.normalize(groups, dim=1)
     num_global = labels.shape[0]
     terms = []
