@@ -16,18 +16,20 @@ from collections.abc import Iterable
 import torch
 
 from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank, updated_groups
+from smog_scale.grouping import GroupBank, GroupStatistics, Update, merge_statistics, updated_groups
 
 
 class StepAccumulator:
-    """Per-group sums [K, D] (float32) and counts [K] of the global batch over the micro-batches seen so
-    far, the cache rows waiting for the commit, the summed loss, whether any micro-batch was non-finite on
-    some rank, and the model's buffers as they were before the step's first forward."""
+    """The global batch's group statistics over the micro-batches seen so far (``stats``: sums [K, D] in
+    float32, counts [K], the random picks; None under the BYOL objective), the cache rows waiting for the
+    commit, the summed loss, whether any micro-batch was non-finite on some rank, and the model's buffers as
+    they were before the step's first forward."""
 
-    def __init__(self, num_groups: int, dim: int, device: torch.device) -> None:
-        self.sums = torch.zeros(num_groups, dim, device=device)
-        self.counts = torch.zeros(num_groups, dtype=torch.long, device=device)
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stats: GroupStatistics | None = None
         self.loss = torch.zeros((), device=device)
+        self.health = torch.zeros(2, device=device)  # summed [label agreement, prediction hit rate]
         self.micro_batches = 0
         self.nonfinite = False
         self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -37,25 +39,36 @@ class StepAccumulator:
         """Before the step's first forward: copy the model's ``buffers`` so that a skipped step restores them."""
         self.buffers = [(b, b.clone()) for b in buffers]
 
-    def add(self, sums: torch.Tensor, counts: torch.Tensor, loss: torch.Tensor, cache_feats: torch.Tensor,
-            cache_ids: torch.Tensor, nonfinite: bool) -> None:
-        """One micro-batch: its global statistics (sums [K, D], counts [K]), loss (0-dim), cache rows
-        (features [N, D], ids [N]) and whether it was non-finite on any rank (a host bool every rank shares)."""
-        self.sums += sums.detach().float()
-        self.counts += counts
+    def add(self, loss: torch.Tensor, nonfinite: bool, stats: GroupStatistics | None = None,
+            rows: tuple[torch.Tensor, torch.Tensor] | None = None, health: torch.Tensor | None = None) -> None:
+        """One micro-batch: its loss (0-dim), whether it was non-finite on any rank (a host bool every rank
+        shares), and for SMoG its global statistics, cache rows (features [N, D], ids [N]) and health [2]."""
         self.loss += loss.detach().float()
+        if health is not None:
+            self.health += health
         self.micro_batches += 1
         self.nonfinite |= nonfinite
-        self.rows.append((cache_feats.detach(), cache_ids))
+        if stats is not None:
+            detached = GroupStatistics(*(None if t is None else t.detach() for t in stats))
+            detached = detached._replace(sums=detached.sums.float())
+            self.stats = detached if self.stats is None else merge_statistics(self.stats, detached)
+        if rows is not None:
+            self.rows.append((rows[0].detach(), rows[1]))
 
     def mean_loss(self) -> torch.Tensor:
         """The step's loss: the mean over its micro-batches (0-dim, on the device)."""
         return self.loss / max(self.micro_batches, 1)
 
-    def commit(self, bank: GroupBank, cache: FeatureCache, beta: float) -> None:
-        """docs/method.md steps 5-6 for the whole step: G <- normalize(g') from the summed statistics, then
-        the cache pushes in micro-batch order; the accumulator is emptied for the next step."""
-        bank.commit(updated_groups(bank.groups, self.sums, self.counts, beta))
+    def mean_health(self) -> torch.Tensor:
+        """The step's [label agreement, prediction hit rate] on this rank: means over its micro-batches (equal
+        sizes, so the shares of the rank's whole batch)."""
+        return self.health / max(self.micro_batches, 1)
+
+    def commit(self, bank: GroupBank, cache: FeatureCache, beta: float, update: Update = "momentum") -> None:
+        """docs/method.md steps 5-6 for the whole step: G <- normalize(g') from the summed statistics by the rule
+        ``update``, then the cache pushes in micro-batch order; the accumulator is emptied for the next step."""
+        if self.stats is not None:
+            bank.commit(updated_groups(bank.groups, self.stats, beta, update, bank.updates), counts=self.stats.counts)
         for feats, ids in self.rows:
             cache.push(feats, ids)
         self.clear()
@@ -69,9 +82,9 @@ class StepAccumulator:
 
     def clear(self) -> None:
         """Empty the accumulator for the next step."""
-        self.sums.zero_()
-        self.counts.zero_()
+        self.stats = None
         self.loss.zero_()
+        self.health.zero_()
         self.micro_batches = 0
         self.nonfinite = False
         self.rows.clear()

@@ -1,8 +1,8 @@
 """Checkpoints: Accelerate's state plus what SMoG owns, written atomically, checked and loaded strictly.
 
 Layout of ``<output_dir>/checkpoints/step_00001234/``: Accelerate's files (model weights as
-safetensors, optimizer, per-rank RNG states), ``smog.safetensors`` (the groups G),
-``cache_rank{r}.safetensors`` (each rank's feature cache, and its copy of G for auditing:
+safetensors, optimizer, per-rank RNG states), ``smog.safetensors`` (the groups G and their update
+counts), ``cache_rank{r}.safetensors`` (each rank's feature cache, and its copy of G for auditing:
 Accelerate writes registered objects from the main process only), ``trainer_state.json`` (step,
 samples seen, counters, world size) and ``config.yaml`` (the resolved recipe it was trained with).
 Everything is written into ``.tmp-step_...`` first, fsynced, renamed when complete and the rename
@@ -74,7 +74,8 @@ def save(
         save_file({k: v.detach().cpu().contiguous() for k, v in rank_state.items()},
                   str(tmp / f"cache_rank{accelerator.process_index}.safetensors"))
         if main:
-            save_file({"groups": bank.groups.detach().cpu().contiguous()}, str(tmp / "smog.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in bank.state_dict().items()},
+                      str(tmp / "smog.safetensors"))
             state = dict(trainer_state, world_size=accelerator.num_processes)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
             if recipe is not None:
@@ -199,7 +200,9 @@ def load(accelerator: Accelerator, path: Path, bank: GroupBank, cache: FeatureCa
     state = json.loads((path / "trainer_state.json").read_text())
     state.setdefault("data_steps", state["global_step"])  # older checkpoints: every step consumed data and counted
     accelerator.load_state(str(path))
-    bank.load_state_dict({k: v.to(bank.groups.device) for k, v in load_file(str(path / "smog.safetensors")).items()})
+    saved = load_file(str(path / "smog.safetensors"))
+    saved.setdefault("updates", torch.zeros_like(bank.updates))  # older checkpoints: G alone (no averaging rule then)
+    bank.load_state_dict({k: v.to(bank.groups.device) for k, v in saved.items()})
     _load_cache(path, cache, int(state["world_size"]))
     return state
 

@@ -65,23 +65,35 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet50"  # any timm name, plus resnet50x2 / resnet50x4 (SimCLR widths)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
-    proj_hidden_dim: int = 2048  # ALGORITHM.md networks (BYOL)
+    proj_hidden_dim: int = 2048  # docs/method.md "Networks" (BYOL)
     proj_dim: int = 128  # D, the group feature dimension (paper)
     pred_hidden_dim: int = 2048
     sync_bn: bool = True  # SyncBatchNorm in backbone and heads with several CUDA ranks (CPU ranks: per-rank BN)
     channels_last: bool = True  # faster convolutions on GPU; ignored for transformers
     compile: bool = False  # torch.compile the model
+    # "smog": group contrast (docs/method.md); "byol": the instance-level control, the same networks with
+    # BYOL's loss and no grouping (every grouping.* key is then unused: no k-means, cache or G updates)
+    objective: Literal["smog", "byol"] = "smog"
 
 
 @dataclass(frozen=True)
 class GroupingConfig:
-    num_groups: int = 3000  # K (paper: 300 -> 65.2, 1000 -> 67.0, 3000 -> 67.2 top-1 at 100 ep)
+    num_groups: int = 3000  # K (paper 7c: 300 -> 65.2, 1000 -> 67.0, 3000 -> 67.2 top-1 at 100 ep)
     tau: float = 0.1  # temperature (paper); below 0.05 the loss becomes peaky and unstable
-    beta_start: float = 1.0  # group momentum, linear schedule 1.0 -> 0.99 (paper ablation 7a)
-    beta_end: float = 0.99
-    regroup_every: int = 300  # steps between k-means re-groupings (our choice; paper: "periodically")
-    cache_size: int = 65536  # features kept per rank for k-means; must be >= num_groups / world size
-    cache_features: Literal["momentum", "online"] = "momentum"  # ALGORITHM.md step 6 (choice)
+    beta_schedule: Literal["linear", "fixed"] = "linear"  # paper 7a: linear 1.0 -> 0.99 67.2, fixed 0.99 65.9
+    beta_start: float = 1.0  # group momentum beta at step 0 (linear schedule only)
+    beta_end: float = 0.99  # beta at the last step; the fixed schedule's value
+    update: Literal["momentum", "adopt_latest", "averaging", "random_select"] = "momentum"  # paper 7d; docs/method.md
+    regroup_every: int = 300  # steps between k-means re-groupings (our choice; paper: "periodically"); 0: never
+    reset_momentum: bool = True  # reset the momentum encoder to the online one periodically (paper 7b)
+    reset_every: int | None = None  # steps between resets; null: at each re-grouping (needs regroup_every > 0)
+    # Features k-means clusters: the union of the ranks' FIFO caches, each rank keeping cache_size // world size
+    # (the remainder is dropped, derived.cache_size_per_device says how many); the union must hold K rows.
+    cache_size: int = 65536
+    # A re-grouping needs the caches to hold this many rows per group (or to be full): the first one comes at the
+    # first step they do, before step regroup_every, so that G does not stay random (docs/method.md). >= 1.
+    min_rows_per_group: int = 10
+    cache_features: Literal["momentum", "online"] = "momentum"  # docs/method.md step 6 (choice)
     kmeans_mode: Literal["gather", "sharded"] = "gather"  # "sharded" when the union does not fit one rank
     kmeans_iters: int = 20
 
@@ -216,13 +228,9 @@ def shipped_recipes() -> str:
 
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Recipe YAML, then ``dotted.key=value`` overrides (values parsed as YAML), validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist; recipes: {shipped_recipes()}")
-    values = _parse_yaml(path.read_text(), f"recipe {str(path)!r}") or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections")
+    """Recipe YAML (over its ``base``, if it names one), then ``dotted.key=value`` overrides (values parsed as
+    YAML), validated."""
+    values = _read_recipe(Path(path))
     for text in overrides:
         keys, value = _parse_override(text)
         node = values
@@ -234,6 +242,30 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     config = _build(Config, values, "")
     validate(config)
     return config
+
+
+def _read_recipe(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's sections. A top-level ``base: other.yaml`` (a path relative to the recipe) is read first and
+    the recipe laid over it: mappings merged key by key, any other value replaced (a list of crops whole)."""
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist; recipes: {shipped_recipes()}")
+    values = _parse_yaml(path.read_text(), f"recipe {str(path)!r}") or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or path.resolve() in including:
+        raise ConfigError(f"recipe {str(path)!r}: base must name another recipe (not itself), got {base!r}")
+    return _laid_over(_read_recipe(path.parent / base, (*including, path.resolve())), values)
+
+
+def _laid_over(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in values.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _laid_over(merged[key], value) if both else value
+    return merged
 
 
 def validate(config: Config) -> None:
@@ -261,8 +293,17 @@ def validate(config: Config) -> None:
         (0 <= config.grouping.beta_end <= 1 and 0 <= config.grouping.beta_start <= 1,
          "grouping.beta_start/beta_end must lie in [0, 1]"),
         (0 <= config.optim.ema_start <= 1, "optim.ema_start must lie in [0, 1]"),
-        (config.grouping.regroup_every > 0, "grouping.regroup_every must be positive"),
+        (config.grouping.regroup_every >= 0, "grouping.regroup_every must not be negative (0: never re-group)"),
+        (config.grouping.reset_every is None or config.grouping.reset_every > 0,
+         "grouping.reset_every must be positive (null: reset at each re-grouping)"),
+        (config.grouping.reset_every is None or config.grouping.reset_momentum,
+         "grouping.reset_every needs grouping.reset_momentum=true"),
+        (not config.grouping.reset_momentum or config.grouping.reset_every or config.grouping.regroup_every,
+         ("grouping.reset_momentum=true with grouping.regroup_every=0 needs grouping.reset_every (steps between "
+          "resets), or set grouping.reset_momentum=false")),
         (config.grouping.num_groups >= 2, "grouping.num_groups must be at least 2"),
+        (config.grouping.cache_size >= 1, "grouping.cache_size must be positive"),
+        (config.grouping.min_rows_per_group >= 1, "grouping.min_rows_per_group must be at least 1"),
         (config.run.max_steps is None or config.run.max_steps > 0, "run.max_steps must be positive"),
         (config.run.keep_last >= 1, "run.keep_last must be at least 1"),
         (config.data.open_attempts >= 1, "data.open_attempts must be at least 1"),
@@ -308,13 +349,15 @@ class Derived:
     total_steps: int
     warmup_steps: int
     scaled_lr: float
+    cache_size_per_device: int  # grouping.cache_size // world_size rows in each rank's feature cache
 
 
 def derive(config: Config, world_size: int, num_samples: int) -> Derived:
     """Per-device batch, schedule lengths and the scaled learning rate for this launch.
 
     Raises ConfigError when the global batch does not split evenly over ranks x accumulation, when
-    the union of the feature caches cannot hold K groups, or when an epoch is shorter than a step.
+    the union of the feature caches (each rank's share of ``grouping.cache_size``) cannot hold K groups, or
+    when an epoch is shorter than a step.
     """
     optim, grouping = config.optim, config.grouping
     split = world_size * optim.grad_accum_steps
@@ -323,10 +366,12 @@ def derive(config: Config, world_size: int, num_samples: int) -> Derived:
             f"optim.global_batch_size={optim.global_batch_size} is not divisible by world size {world_size} "
             f"x optim.grad_accum_steps={optim.grad_accum_steps}"
         )
-    if grouping.num_groups > grouping.cache_size * world_size:
+    share = grouping.cache_size // world_size
+    if config.model.objective == "smog" and grouping.num_groups > share * world_size:
         raise ConfigError(
             f"grouping.num_groups={grouping.num_groups} exceeds the feature cache: grouping.cache_size="
-            f"{grouping.cache_size} x {world_size} rank(s) = {grouping.cache_size * world_size} features"
+            f"{grouping.cache_size} leaves each of {world_size} rank(s) {share} rows ({share * world_size} in all), "
+            f"below K / world size = {grouping.num_groups / world_size:g}"
         )
     # What the loader yields per rank: whole batches, split evenly over its workers.
     workers = max(1, config.data.num_workers)
@@ -343,6 +388,7 @@ def derive(config: Config, world_size: int, num_samples: int) -> Derived:
         total_steps=steps_per_epoch * optim.epochs,
         warmup_steps=round(steps_per_epoch * optim.warmup_epochs),
         scaled_lr=optim.base_lr * optim.global_batch_size / 256,
+        cache_size_per_device=share,
     )
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 from smog_scale import dist, schedules
@@ -23,49 +22,10 @@ from smog_scale.accumulation import StepAccumulator
 from smog_scale.config import Config, Derived
 from smog_scale.data.multicrop import normalize
 from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank, assign, momentum_update_from_assignments
-from smog_scale.loss import group_contrast_loss
+from smog_scale.grouping import GroupBank
 from smog_scale.metrics import assignment_health
-from smog_scale.models.smog import SMoGOutput
+from smog_scale.objectives import GroupingStep, objective_step
 from smog_scale.optim import set_learning_rate
-
-
-class GroupingStep(NamedTuple):
-    """loss: scalar; new_groups: [K, D] g'; sums: [K, D] and counts: [K] the global-batch statistics g'
-    was built from; cache_feats: [G*B, D] normalized features of the global views for the cache; ok:
-    0-dim bool, everything finite."""
-
-    loss: torch.Tensor
-    new_groups: torch.Tensor
-    sums: torch.Tensor
-    counts: torch.Tensor
-    cache_feats: torch.Tensor
-    ok: torch.Tensor
-
-
-def grouping_step(
-    out: SMoGOutput, groups: torch.Tensor, beta: float, tau: float, cache_online: bool = False
-) -> GroupingStep:
-    """docs/method.md steps 1-4 on one rank's model outputs; the update covers all ranks.
-
-    With gradient accumulation this runs once per micro-batch against the same G (the step's G is
-    committed only at its end, from every micro-batch's ``sums`` and ``counts``: ``smog_scale.accumulation``).
-    The loss here uses this micro-batch's own partial update g'_j = beta * g + (1 - beta) * mean_j, where one
-    process on the whole global batch would use the mean over all micro-batches: g'_j - g' = (1 - beta) *
-    (mean_j - mean), so the loss and its gradient differ by a term of order 1 - beta (zero at beta = 1, where
-    g' = g). Labels, assignments and the committed G are unaffected.
-    """
-    num_global, batch = out.e.shape[:2]
-    dtype = torch.promote_types(out.z.dtype, torch.float32)
-    with torch.autocast(out.z.device.type, enabled=False):  # grouping in float32 at least
-        e = F.normalize(out.e.to(dtype), dim=-1)
-        z_global = F.normalize(out.z[:num_global].to(dtype), dim=-1).flatten(0, 1)
-        labels = assign(groups, e.flatten(0, 1)).view(num_global, batch)  # step 1
-        update = momentum_update_from_assignments(groups, z_global, assign(groups, z_global), beta)  # 2-3
-    loss = group_contrast_loss(out.p, labels, update.new_groups, tau)  # step 4
-    cache_feats = z_global.detach() if cache_online else e.flatten(0, 1)  # step 6 (choice)
-    ok = torch.isfinite(loss) & torch.isfinite(update.new_groups).all() & torch.isfinite(cache_feats).all()
-    return GroupingStep(loss, update.new_groups, update.sums, update.counts, cache_feats, ok)
 
 
 @dataclass
@@ -91,7 +51,7 @@ class TrainState:
     accumulator: StepAccumulator = field(init=False)  # the optimizer step in progress (empty between steps)
 
     def __post_init__(self) -> None:
-        self.accumulator = StepAccumulator(*self.bank.groups.shape, device=self.bank.groups.device)
+        self.accumulator = StepAccumulator(self.bank.groups.device)
 
     def counters(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in ("global_step", "data_steps", "samples_seen", "skipped_samples",
@@ -118,19 +78,23 @@ def train_step(state: TrainState, batch: dict) -> StepEnd | None:
     step, total = state.global_step, derived.total_steps
     set_learning_rate(state.optimizer, schedules.learning_rate(
         step, total, derived.scaled_lr, derived.warmup_steps, cfg.optim.final_lr))
-    beta = schedules.group_beta(step, total, cfg.grouping.beta_start, cfg.grouping.beta_end)
+    beta = schedules.group_beta(step, total, cfg.grouping.beta_start, cfg.grouping.beta_end, cfg.grouping.beta_schedule)
     crops = [normalize(c.to(acc.device, non_blocking=True)) for c in batch["crops"]]
     if state.accumulator.micro_batches == 0:
         state.accumulator.start(state.model.buffers())
     with acc.accumulate(state.model):
         with acc.autocast():
             out = state.model(crops)
-        result = grouping_step(out, state.bank.groups, beta, cfg.grouping.tau, cfg.grouping.cache_features == "online")
+        result = objective_step(out, cfg, state.bank, beta)
         bad_ranks, stop_ranks, skipped = step_flags(result.ok, state.stop_signal, batch.get("skipped", 0)).tolist()
         state.stop_requested = stop_ranks > 0
         state.skipped_samples += int(skipped)
-        ids = torch.tensor([zlib.crc32(k.encode()) for k in batch["key"]], device=acc.device).repeat(out.e.shape[0])
-        state.accumulator.add(result.sums, result.counts, result.loss, result.cache_feats, ids, bad_ranks > 0)
+        if isinstance(result, GroupingStep):
+            ids = torch.tensor([zlib.crc32(k.encode()) for k in batch["key"]], device=acc.device)
+            state.accumulator.add(result.loss, bad_ranks > 0, result.stats, (result.cache_feats, ids.repeat(out.e.shape[0])),
+                                  result.health)
+        else:
+            state.accumulator.add(result.loss, bad_ranks > 0)
         if not state.accumulator.nonfinite:
             acc.backward(result.loss)
         return finish_step(state, beta) if acc.sync_gradients else None
@@ -156,10 +120,13 @@ def finish_step(state: TrainState, beta: float) -> StepEnd:
         optimizer.step()  # under DeepSpeed a no-op: the engine stepped in acc.backward
     skipped = "nonfinite" if pending.nonfinite else "overflow" if optimizer.step_was_skipped else None
     optimizer.zero_grad(set_to_none=True)
-    metrics = {"loss": pending.mean_loss(), "lr": optimizer.param_groups[0]["lr"], "beta": beta,
-               **assignment_health(pending.counts)}
+    metrics: dict[str, torch.Tensor | float] = {"loss": pending.mean_loss(), "lr": optimizer.param_groups[0]["lr"]}
+    if pending.stats is not None:  # SMoG (the BYOL objective has no groups)
+        agreement, hit_rate = pending.mean_health()
+        metrics.update(beta=beta, label_agreement=agreement, prediction_hit_rate=hit_rate,
+                       **assignment_health(pending.stats.counts))
     if skipped is None:
-        pending.commit(state.bank, state.cache, beta)
+        pending.commit(state.bank, state.cache, beta, cfg.grouping.update)
         acc.unwrap_model(state.model).update_momentum(
             schedules.ema_momentum(state.global_step, state.derived.total_steps, cfg.optim.ema_start))
         state.global_step += 1

@@ -1,6 +1,6 @@
-"""Per-rank FIFO cache of detached features for periodic re-grouping (ALGORITHM.md step 6).
+"""Per-rank FIFO cache of detached features for periodic re-grouping (docs/method.md step 6).
 
-Each rank keeps its own cache; k-means runs over the union of all ranks' caches. The write pointer
+Each rank keeps its own cache, its share of ``grouping.cache_size`` (the union, which k-means clusters). The write pointer
 and the fill level are device tensors so a push never syncs with the host, and a push guarded by a
 device-side ``ok`` flag writes nothing when the step was not finite.
 """

@@ -1,4 +1,4 @@
-"""Spherical k-means over the union of all ranks' feature caches (ALGORITHM.md "Periodic re-grouping" 1).
+"""Spherical k-means over the union of all ranks' feature caches (docs/method.md "Periodic re-grouping" 1).
 
 Two modes, both ending with bit-identical centroids on every rank:
 
@@ -49,7 +49,7 @@ _ROWS_PER_LIST, _LISTS_PROBED, _LIST_ITERS = 128, 4, 10
 
 
 class KMeansResult(NamedTuple):
-    """One re-grouping's output and the health statistics the trainer logs (ALGORITHM.md, "Health signals").
+    """One re-grouping's output and the health statistics the trainer logs (docs/method.md "Grouping health").
 
     Every field is identical on every rank, and the statistics describe ``centroids`` themselves.
     """
@@ -90,7 +90,7 @@ def fit(
     init_trials: int = 24,
     seed: int = 0,
 ) -> KMeansResult:
-    """Spherical k-means over the union of all ranks' ``feats`` (ALGORITHM.md re-grouping step 1).
+    """Spherical k-means over the union of all ranks' ``feats`` (docs/method.md "Periodic re-grouping" 1).
 
     Args:
         feats: N_r x D rows of this rank's feature cache; ranks may hold different N_r. Rows are

@@ -1,7 +1,7 @@
 """Momentum encoder maintenance: EMA of the online weights and the full reset at re-grouping.
 
-An explicit loop step under ``no_grad`` (STYLE take 9), never inside ``forward``; the EMA is one
-foreach lerp over all parameters as in timm's ``ModelEmaV3``.
+An explicit loop step under ``no_grad``, never inside ``forward`` (docs/method.md "Networks"); the EMA is
+one foreach lerp over all parameters as in timm's ``ModelEmaV3``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def ema_update(online: nn.Module, momentum: nn.Module, m: float) -> None:
 
 @torch.no_grad()
 def reset(online: nn.Module, momentum: nn.Module) -> None:
-    """momentum <- online, every parameter and buffer (ALGORITHM.md re-grouping step 3)."""
+    """momentum <- online, every parameter and buffer (docs/method.md "Periodic re-grouping" 3)."""
     _check_pair(online, momentum)
     for target, source in zip(momentum.parameters(), online.parameters()):
         target.copy_(source)

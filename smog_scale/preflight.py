@@ -48,6 +48,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "monitor": "the kNN monitor only reads the model",
     "derived.world_size": "elastic resume",
     "derived.batch_size_per_device": "follows the world size and accumulation; the global batch is kept",
+    "derived.cache_size_per_device": "follows the world size; the union grouping.cache_size is kept",
 }
 _ABSENT = "<absent>"
 

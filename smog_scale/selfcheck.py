@@ -85,10 +85,11 @@ class Context:
         return "bf16" if chosen == "bf16" else "fp16" if chosen == "fp16" else "no"
 
     def small(self) -> list[str]:
-        """Overrides for the short runs: 8 images per device, K = 16, a re-grouping every 2 steps."""
+        """Overrides for the short runs: 8 images per device, K = 16, a re-grouping every 2 steps (the first
+        after step 1: one cached row per group is enough here)."""
         global_batch = BATCH_PER_DEVICE * self.world * self.cfg.optim.grad_accum_steps
         return [f"optim.global_batch_size={global_batch}", "grouping.num_groups=16", "grouping.regroup_every=2",
-                *self.epoch_of(global_batch)]
+                "grouping.min_rows_per_group=1", *self.epoch_of(global_batch)]
 
     def epoch_of(self, global_batch: int) -> list[str]:
         """Enough samples per epoch for every loader worker (shards are drawn with replacement)."""

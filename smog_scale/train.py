@@ -21,13 +21,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from smog_scale import checkpoint, config, dist, memory, monitor, preflight, run_dir
+from smog_scale import checkpoint, config, dist, memory, monitor, preflight, regrouping, run_dir
 from smog_scale.config import ConfigError
 from smog_scale.data.shards import ShardOpenError, build_train_loader
 from smog_scale.engine import TrainState, train_step
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
-from smog_scale.kmeans import fit as kmeans_fit
 from smog_scale.metrics import RunLog
 from smog_scale.models.smog import SMoGModel
 from smog_scale.optim import build_optimizer
@@ -66,27 +65,8 @@ def build(cfg: config.Config, accelerator: Accelerator, derived: config.Derived 
         model = torch.compile(model)
     bank = GroupBank(cfg.grouping.num_groups, mc.proj_dim).to(accelerator.device)
     dist.broadcast(bank.groups)
-    cache = FeatureCache(cfg.grouping.cache_size, mc.proj_dim).to(accelerator.device)
+    cache = FeatureCache(derived.cache_size_per_device, mc.proj_dim).to(accelerator.device)
     return TrainState(cfg, derived, accelerator, model, optimizer, bank, cache)
-
-
-def regroup(state: TrainState, log: RunLog) -> None:
-    """k-means over all ranks' caches -> G, then reset the momentum encoder (ALGORITHM.md)."""
-    feats, _ = state.cache.contents()
-    available = int(dist.all_reduce_sum(torch.tensor([feats.shape[0]], device=feats.device)).item())
-    if available < state.bank.num_groups:
-        log.message(f"step {state.global_step}: re-grouping skipped, {available} cached features < K")
-        return
-    g = state.cfg.grouping
-    try:
-        result = kmeans_fit(feats, g.num_groups, mode=g.kmeans_mode, iters=g.kmeans_iters,
-                            seed=state.cfg.run.seed + state.global_step)
-    except ValueError as err:  # raised alike on every rank, e.g. fewer distinct cached rows than K
-        log.message(f"step {state.global_step}: re-grouping skipped, groups kept: {err}")
-        return
-    state.bank.set(result.centroids.to(state.bank.groups.device))
-    state.accelerator.unwrap_model(state.model).reset_momentum()
-    log.regroup(state, result)
 
 
 def shard_reading(cfg: config.Config) -> dict[str, float]:
@@ -126,8 +106,8 @@ def train(state: TrainState, log: RunLog) -> int:
                 step = state.global_step
                 if end.committed and (step % cfg.run.log_every == 0 or step == last_step):
                     log.step(state, end.metrics)
-                if end.committed and step % cfg.grouping.regroup_every == 0:
-                    regroup(state, log)
+                if end.committed:
+                    regrouping.after_step(state, log)
                 if end.committed and knn_every and (step % knn_every == 0 or step == last_step):
                     knn_monitor(state, log)
                 if state.stop_requested:
@@ -169,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_training(state: TrainState, run: run_dir.Run) -> int:
     """Resume if decided, then train until done, pre-empted or stopped; failures end with one line."""
     log = RunLog(state)
-    for note in run.notes:
+    for note in (*run.notes, regrouping.schedule(state.cfg, state.derived)):
         log.message(note)
     if run.resume_from is not None:
         for key, value in checkpoint.load(state.accelerator, run.resume_from, state.bank, state.cache).items():

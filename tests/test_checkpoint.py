@@ -7,6 +7,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from gloo import run_on_ranks
+from safetensors.torch import save_file
 
 from smog_scale import checkpoint
 from smog_scale.feature_cache import FeatureCache
@@ -21,6 +22,7 @@ def make_parts(seed, dim_in=4, dim=3, cache_rows=8, pushed=6):
     model(torch.randn(2, dim_in)).sum().backward()
     optimizer.step()
     bank, cache = GroupBank(5, dim), FeatureCache(cache_rows, dim)
+    bank.updates.copy_(torch.randint(0, 9, (5,)))  # the averaging rule's counts are state too
     cache.push(torch.randn(pushed, dim), torch.arange(pushed))
     return model, optimizer, bank, cache
 
@@ -41,7 +43,7 @@ def test_save_keeps_last_and_load_restores_everything(tmp_path):
     model2, optimizer2 = accelerator.prepare(model2, optimizer2)
     state = checkpoint.load(accelerator, newest, bank2, cache2)
     assert state["global_step"] == 3
-    assert torch.equal(bank2.groups, bank.groups)
+    assert torch.equal(bank2.groups, bank.groups) and torch.equal(bank2.updates, bank.updates)
     for a, b in zip(cache.state_dict().values(), cache2.state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(model.parameters(), model2.parameters()):
@@ -184,3 +186,15 @@ def test_a_failed_save_on_one_rank_leaves_no_rank_waiting():
             expected = error.strerror if r["rank"] == culprit else "failed on 1 other rank(s)"
             assert "writing checkpoint step_00000001 failed" in r["errors"][phase], (phase, r)
             assert expected in r["errors"][phase], (phase, r)
+
+
+def test_checkpoint_without_update_counts_loads_them_as_zero(tmp_path):
+    """Checkpoints written before the averaging rule hold G alone in smog.safetensors."""
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, bank, cache = make_parts(0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    path = checkpoint.save(accelerator, tmp_path, 1, bank, cache, {"global_step": 1}, keep_last=1)
+    save_file({"groups": bank.groups}, str(path / "smog.safetensors"))
+    fresh = make_parts(1)[2]
+    checkpoint.load(accelerator, path, fresh, FeatureCache(8, 3))
+    assert torch.equal(fresh.groups, bank.groups) and not fresh.updates.any()

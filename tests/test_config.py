@@ -54,10 +54,17 @@ def test_load_with_overrides_and_dump(recipe, tmp_path):
     ("data.crops=[{size: 32, count: 2, scale: [0, 0.5]}]", "scale must satisfy 0 < lo <= hi <= 1"),
     ("data.crops=[{size: 32, count: 2, scale: [0.5, 1.5]}]", "scale must satisfy 0 < lo <= hi <= 1"),
     ("optim.epochs=[1", "override 'optim.epochs=[1': invalid YAML"),
+    # The ablation switches (docs/method.md "Ablations").
+    ("grouping.update=mean", "grouping.update: 'mean' is not one of 'momentum', 'adopt_latest', 'averaging'"),
+    ("grouping.beta_schedule=cosine", "grouping.beta_schedule: 'cosine' is not one of 'linear', 'fixed'"),
+    ("grouping.regroup_every=-1", "grouping.regroup_every must not be negative (0: never re-group)"),
+    ("grouping.reset_every=0", "grouping.reset_every must be positive"),
+    ("grouping.reset_every=10 grouping.reset_momentum=false", "grouping.reset_every needs grouping.reset_momentum=true"),
+    ("grouping.regroup_every=0", "grouping.reset_momentum=true with grouping.regroup_every=0 needs grouping.reset_every"),
 ])
 def test_errors_name_the_key(recipe, override, message):
     with pytest.raises(ConfigError) as err:
-        config.load(recipe, [override])
+        config.load(recipe, override.split(" ") if "grouping.reset" in override else [override])
     assert message in str(err.value)
 
 
@@ -85,12 +92,25 @@ def test_yaml_syntax_error_is_one_line_naming_the_file(tmp_path):
 
 
 def test_missing_recipe_and_impossible_launches(recipe, tmp_path):
-    with pytest.raises(ConfigError, match=r"does not exist; recipes: recipes/demo_cpu.yaml, recipes/r50_400ep.yaml"):
+    with pytest.raises(ConfigError, match=r"does not exist; recipes: recipes/byol_r50_400ep.yaml, recipes/demo_cpu.yaml, recipes/r50_400ep.yaml"):
         config.load(tmp_path / "nope.yaml")
-    cfg = config.load(recipe, ["grouping.num_groups=3000", "grouping.cache_size=1000"])
-    with pytest.raises(ConfigError, match=r"num_groups=3000 exceeds.*1000 x 2 rank\(s\) = 2000"):
-        config.derive(cfg, world_size=2, num_samples=10_000)
+    cfg = config.load(recipe, ["grouping.num_groups=3000", "grouping.cache_size=1000", "optim.global_batch_size=48"])
+    with pytest.raises(ConfigError, match=r"num_groups=3000 exceeds the feature cache: grouping.cache_size=1000 "
+                                          r"leaves each of 3 rank\(s\) 333 rows \(999 in all\), below K / world size = 1000"):
+        config.derive(cfg, world_size=3, num_samples=10_000)
+    fits = config.load(recipe, ["grouping.num_groups=999", "grouping.cache_size=1000", "optim.global_batch_size=48"])
+    assert config.derive(fits, world_size=3, num_samples=10_000).cache_size_per_device == 333  # equal shares, rounded down
     with pytest.raises(ConfigError, match="global_batch_size=64 is not divisible by world size 3"):
         config.derive(config.load(recipe), world_size=3, num_samples=10_000)
     with pytest.raises(ConfigError, match="gives no whole step of optim.global_batch_size=64"):
         config.derive(config.load(recipe, ["grouping.num_groups=10"]), world_size=1, num_samples=10)
+
+
+def test_the_four_rows_of_table_7b_are_expressible(recipe):
+    """None, periodic clustering, clustering + reset (the default), reset alone."""
+    rows = {"none": ["grouping.regroup_every=0", "grouping.reset_momentum=false"],
+            "clustering": ["grouping.reset_momentum=false"], "clustering_reset": [],
+            "reset": ["grouping.regroup_every=0", "grouping.reset_every=300"]}
+    loaded = {name: config.load(recipe, overrides).grouping for name, overrides in rows.items()}
+    assert [(g.regroup_every, g.reset_momentum, g.reset_every) for g in loaded.values()] == [
+        (0, False, None), (300, False, None), (300, True, None), (0, True, 300)]

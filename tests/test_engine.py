@@ -85,6 +85,8 @@ CASES = {  # name: (optimizer steps, recipe overrides)
     "lr_0": (3, ["grouping.beta_start=0.9", "grouping.beta_end=0.9", "optim.base_lr=0.0"]),  # weights stay
     "beta_0.9": (1, ["grouping.beta_start=0.9", "grouping.beta_end=0.9"]),
     "beta_0.99": (1, ["grouping.beta_start=0.99", "grouping.beta_end=0.99"]),
+    "averaging_lr_0": (3, ["grouping.update=averaging", "optim.base_lr=0.0"]),  # update counts over 3 commits
+    "random_select": (2, ["grouping.update=random_select", "grouping.cache_features=online"]),
 }
 
 
@@ -119,13 +121,23 @@ def test_accumulation_of_two_equals_two_ranks(tmp_path, shards):
       breaks this);
     - the weights equal over 3 steps at beta = 1 ("beta_1": g' = g, no gradient through the update);
     - elsewhere the weight update differs by O(1 - beta): after one step by less than 2 (1 - beta) of its
-      norm, and 10x less at beta 0.99 than at 0.9.
+      norm, and 10x less at beta 0.99 than at 0.9;
+    - the averaging rule's update counts follow the commits alike ("averaging_lr_0");
+    - random_select draws with each rank's own generator: its G is identical on both ranks, and every group that
+      moved took one member's online feature (cached here, ``cache_features=online``) from either rank.
     """
     ranks = run_on_ranks(_rank_trajectories, 2, str(tmp_path / "ranks"), str(shards))
     initial = tiny_state(tmp_path / "initial", shards)
+    initial_groups = initial.bank.groups.clone()  # every state starts from the same seed
     initial = {k: p.detach().clone() for k, p in initial.accelerator.unwrap_model(initial.model).named_parameters()}
     drift = {}
     for name, (steps, overrides) in CASES.items():
+        if name == "random_select":
+            assert torch.equal(ranks[0][name]["groups"], ranks[1][name]["groups"])
+            cached = torch.cat([r[name]["cache"] for r in ranks])
+            moved = ranks[0][name]["groups"][(ranks[0][name]["groups"] != initial_groups).any(dim=1)]
+            assert len(moved) and (moved.unsqueeze(1) - cached.unsqueeze(0)).abs().amax(dim=2).amin(dim=1).max() < 1e-6
+            continue
         single = trajectory(tiny_state(tmp_path / name, shards, *overrides, accumulation=2), steps, 0)
         for rank, result in enumerate(ranks):
             got = result[name]
@@ -139,7 +151,7 @@ def test_accumulation_of_two_equals_two_ranks(tmp_path, shards):
         update = torch.cat([(ranks[0][name][k] - initial[k]).flatten() for k in params])
         difference = torch.cat([(single[k] - ranks[0][name][k]).flatten() for k in params])
         drift[name] = float(difference.norm() / update.norm().clamp(min=1e-12))
-        if name in ("beta_1", "lr_0"):
+        if name in ("beta_1", "lr_0", "averaging_lr_0"):
             for key in initial:
                 torch.testing.assert_close(single[key], ranks[0][name][key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
     assert 0 < drift["beta_0.9"] < 2 * 0.1 and 0 < drift["beta_0.99"] < 2 * 0.01, drift

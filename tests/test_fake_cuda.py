@@ -19,11 +19,12 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from smog_scale import kmeans
 from smog_scale.accumulation import StepAccumulator
 from smog_scale.data.multicrop import normalize
-from smog_scale.engine import grouping_step, step_flags
+from smog_scale.engine import step_flags
 from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank
+from smog_scale.grouping import GroupBank, assign
 from smog_scale.metrics import assignment_health, cluster_size_health
 from smog_scale.models.smog import SMoGModel
+from smog_scale.objectives import byol_step, grouping_step
 
 K, D, B = 8, 16, 4  # groups, feature dimension, images per view
 
@@ -67,10 +68,27 @@ def test_forward_under_bf16_autocast_and_grouping_step(model, cuda):
     assert {p.dtype for p in model.momentum.parameters()} == {torch.float32}
     groups = GroupBank(K, D).to(cuda).groups
     result = grouping_step(out, groups, beta=0.99, tau=0.1)
-    assert result.loss.dtype == result.new_groups.dtype == result.sums.dtype == torch.float32
-    assert result.counts.shape == (K,) and result.cache_feats.shape == (2 * B, D)
-    assert {t.device for t in result} == {cuda}
+    assert result.loss.dtype == result.new_groups.dtype == result.stats.sums.dtype == torch.float32
+    assert result.stats.counts.shape == (K,) and result.cache_feats.shape == (2 * B, D)
+    assert result.health.shape == (2,) and result.health.dtype == torch.float32  # agreement, hit rate
+    assert {t.device for t in (*result[:2], *result.stats[:2], *result[3:])} == {cuda}
     assert step_flags(result.ok, stop_signal=False, skipped_samples=3).shape == (3,)
+
+
+def test_byol_step_under_bf16_autocast_commits_no_groups(model, cuda):
+    """The BYOL control's loss on the device in bf16; its step adds no statistics, so the commit leaves G and
+    the cache alone."""
+    model = model.to(cuda)
+    bank, cache = GroupBank(K, D).to(cuda), FeatureCache(32, D).to(cuda)
+    accumulator = StepAccumulator(cuda)
+    accumulator.start(model.buffers())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        result = byol_step(model(crops(cuda)))
+    assert result.loss.dtype == torch.float32 and result.loss.device == result.ok.device == cuda
+    accumulator.add(result.loss, False)
+    assert accumulator.stats is None and accumulator.mean_loss().device == cuda
+    accumulator.commit(bank, cache, beta=0.99)
+    assert bank.groups.device == cache.feats.device == cuda
 
 
 def test_deepspeed_precision_forward_and_ema(model, cuda):
@@ -92,14 +110,15 @@ def test_deepspeed_precision_forward_and_ema(model, cuda):
 def test_step_commit_discard_cache_and_ema(model, cuda):
     model = model.to(cuda)
     bank, cache = GroupBank(K, D).to(cuda), FeatureCache(32, D).to(cuda)
-    accumulator = StepAccumulator(K, D, cuda)
+    accumulator = StepAccumulator(cuda)
     for skipped in (True, False):
         accumulator.start(model.buffers())
         for _ in range(2):  # two micro-batches against the same G
             result = grouping_step(model(crops(cuda)), bank.groups, beta=0.99, tau=0.1)
             ids = torch.arange(2 * B, device=cuda)
-            accumulator.add(result.sums, result.counts, result.loss, result.cache_feats, ids, nonfinite=False)
-        metrics = {"loss": accumulator.mean_loss(), **assignment_health(accumulator.counts)}
+            accumulator.add(result.loss, False, result.stats, (result.cache_feats, ids), result.health)
+        metrics = {"loss": accumulator.mean_loss(), "health": accumulator.mean_health(),
+                   **assignment_health(accumulator.stats.counts)}
         if skipped:
             accumulator.discard()
         else:
@@ -115,7 +134,8 @@ def test_step_commit_discard_cache_and_ema(model, cuda):
 
 def test_regroup_statistics_and_kmeans_device_math(cuda):
     """k-means' helpers between its host reads (the union's row count, the convergence test): the
-    nearest-centroid search, greedy seeding, sampling, empty-cluster re-seeding; then the logged sizes."""
+    nearest-centroid search, greedy seeding, sampling, empty-cluster re-seeding; then the logged sizes and
+    the cached rows' groups under the old and the new G that the label churn matches (on the host)."""
     x = F.normalize(torch.randn(64, D, device=cuda), dim=1)
     sample = kmeans._sample_union(x, 32, 64, seed=0, sync=False)
     # fit seeds with a CUDA generator; one cannot be made without a driver, and fake CUDA accepts this one
@@ -127,4 +147,6 @@ def test_regroup_statistics_and_kmeans_device_math(cuda):
     sizes = torch.zeros(K, dtype=torch.long, device=cuda).index_add_(0, labels, torch.ones_like(labels))
     stats = cluster_size_health(sizes)
     assert stats["quantiles"].shape == (5,)
-    assert {t.device for t in (sample, weights, centroids, sims, labels, seeds, *stats.values())} == {cuda}
+    old_and_new = torch.stack([assign(GroupBank(K, D).to(cuda).groups, x), assign(centroids, x)], dim=1)
+    assert old_and_new.shape == (64, 2)
+    assert {t.device for t in (sample, weights, centroids, sims, labels, seeds, old_and_new, *stats.values())} == {cuda}

@@ -1,4 +1,4 @@
-"""Tests for smog_scale.kmeans: spherical k-means over the union of all ranks' caches (ALGORITHM.md
+"""Tests for smog_scale.kmeans: spherical k-means over the union of all ranks' caches (docs/method.md
 "Periodic re-grouping", step 1)."""
 
 from __future__ import annotations

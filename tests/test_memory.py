@@ -25,7 +25,7 @@ SMALL = ["data.train_shards=unused", "model.backbone=resnet18", "model.proj_hidd
          "model.pred_hidden_dim=256", "optim.global_batch_size=16", "data.crops=[{size: 64, count: 2}]"]
 NOTE = re.compile(r"# Memory \(estimated by tools/memory\.py, not measured on a GPU\): ([\d.]+) GiB per device at "
                   r"(\d+) images per device,\n# (\d+) processes in (bf16) ")
-GPU_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.stem.startswith(("r50", "swin_t")))
+GPU_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.stem.startswith(("r50", "swin_t", "byol_")))
 
 
 def test_fake_cuda_counts_what_a_real_forward_saves():

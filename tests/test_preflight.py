@@ -8,7 +8,7 @@ from smog_scale import config, preflight
 from smog_scale.config import Config, ConfigError
 
 DERIVED = config.Derived(world_size=2, batch_size_per_device=16, num_samples=640, steps_per_epoch=10,
-                         total_steps=40, warmup_steps=10, scaled_lr=0.0375)
+                         total_steps=40, warmup_steps=10, scaled_lr=0.0375, cache_size_per_device=32768)
 
 
 def tree(*overrides: str, derived: config.Derived = DERIVED, tmp_path=None) -> dict:
@@ -21,6 +21,8 @@ def tree(*overrides: str, derived: config.Derived = DERIVED, tmp_path=None) -> d
 @pytest.mark.parametrize("override", [
     "model.backbone=resnet18", "model.proj_dim=64", "model.sync_bn=false", "grouping.num_groups=300",
     "grouping.tau=0.2", "grouping.beta_end=0.9", "grouping.regroup_every=100", "grouping.cache_features=online",
+    "grouping.update=averaging", "grouping.beta_schedule=fixed", "grouping.reset_momentum=false",
+    "grouping.min_rows_per_group=3", "model.objective=byol",
     "grouping.kmeans_iters=10", "optim.name=adamw", "optim.epochs=800", "optim.global_batch_size=2048",
     "optim.base_lr=0.2", "optim.weight_decay=1e-5", "optim.clip_grad_norm=1.0", "optim.warmup_epochs=5",
     "data.crops=[{size: 96, count: 2}]", "data.num_samples=1000", "run.seed=1",
@@ -44,7 +46,8 @@ def test_a_resume_allows_what_does_not(tmp_path, override):
 
 
 def test_derived_values_other_than_world_size_and_per_device_batch_must_match(tmp_path):
-    elastic = config.Derived(**{**DERIVED.__dict__, "world_size": 1, "batch_size_per_device": 32})
+    elastic = config.Derived(**{**DERIVED.__dict__, "world_size": 1, "batch_size_per_device": 32,
+                                "cache_size_per_device": 65536})
     assert preflight.resume_differences(tree(derived=elastic, tmp_path=tmp_path), tree(tmp_path=tmp_path)) == []
     shorter = config.Derived(**{**DERIVED.__dict__, "steps_per_epoch": 9, "total_steps": 36})
     differ = preflight.resume_differences(tree(derived=shorter, tmp_path=tmp_path), tree(tmp_path=tmp_path))
