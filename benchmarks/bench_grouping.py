@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from smog_scale.grouping import assign, momentum_update_from_assignments
+from smog_scale.grouping import assign, group_update
 
 
 def naive_assign(groups: torch.Tensor, feats: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
@@ -64,11 +64,11 @@ def main() -> None:
         rows = {
             "update alone": (
                 lambda: naive_update(groups, feats, c, beta),
-                lambda: momentum_update_from_assignments(groups, feats, c, beta),
+                lambda: group_update(groups, feats, c, beta),
             ),
             "assign + update": (
                 lambda: naive_update(groups, feats, naive_assign(groups, feats), beta),
-                lambda: momentum_update_from_assignments(groups, feats, assign(groups, feats), beta),
+                lambda: group_update(groups, feats, assign(groups, feats), beta),
             ),
         }
         for name, (naive, ours) in rows.items():

@@ -18,13 +18,12 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from smog_scale.data.multicrop import normalize
-from smog_scale.engine import grouping_step
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
 from smog_scale.models.smog import SMoGModel
+from smog_scale.objectives import byol_step, grouping_step
 
 
 def build(args: argparse.Namespace) -> tuple[SMoGModel, torch.optim.Optimizer, GroupBank, FeatureCache]:
@@ -52,8 +51,7 @@ def smog_step(model, optimizer, bank, cache, images, autocast) -> None:
 def plain_step(model, optimizer, bank, cache, images, autocast) -> None:
     with autocast():
         out = model([normalize(images)])
-    p, e = F.normalize(out.p.float(), dim=-1), F.normalize(out.e.float(), dim=-1)
-    loss = (2 - 2 * (p[0] * e[1]).sum(-1)).mean() + (2 - 2 * (p[1] * e[0]).sum(-1)).mean()
+    loss = byol_step(out).loss  # the trainer's BYOL control (model.objective: byol)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from accelerate.utils import LoggerType
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # the shipped recipes (a source checkout)
 
 
 class ConfigError(ValueError):
@@ -28,12 +32,13 @@ class ConfigError(ValueError):
 class RunConfig:
     output_dir: str = "runs/default"  # run folder: config.yaml, metrics.jsonl, checkpoints/, tensorboard/
     max_steps: int | None = None  # stop after this many steps; schedules keep their full-length shape
-    seed: int = 0
+    seed: int = 0  # >= 0
     log_every: int = 10  # steps between metric reductions across ranks (each one syncs)
     save_every: int = 1000  # steps between checkpoints; one is always written at the end
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
-    resume: str = "auto"  # "auto": newest complete checkpoint in output_dir; "never"; or a checkpoint path
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # also "wandb"
+    resume: str = "auto"  # "auto": newest checkpoint of output_dir that loads; "never"; or a checkpoint path
+    overwrite: bool = False  # with resume "never": start over in a folder with checkpoints (they are moved aside)
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # Accelerate's: also "wandb", "mlflow"...
     max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) steps before the job stops
     mixed_precision: Literal["launcher", "no", "bf16", "fp16"] = "launcher"  # "launcher": accelerate's flag
 
@@ -67,23 +72,35 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet50"  # any timm name, plus resnet50x2 / resnet50x4 (SimCLR widths)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
-    proj_hidden_dim: int = 2048  # ALGORITHM.md networks (BYOL)
+    proj_hidden_dim: int = 2048  # docs/method.md "Networks" (BYOL)
     proj_dim: int = 128  # D, the group feature dimension (paper)
     pred_hidden_dim: int = 2048
     sync_bn: bool = True  # SyncBatchNorm in backbone and heads with several CUDA ranks (CPU ranks: per-rank BN)
     channels_last: bool = True  # faster convolutions on GPU; ignored for transformers
     compile: bool = False  # torch.compile the model
+    # "smog": group contrast (docs/method.md); "byol": the instance-level control, the same networks with
+    # BYOL's loss and no grouping (every grouping.* key is then unused: no k-means, cache or G updates)
+    objective: Literal["smog", "byol"] = "smog"
 
 
 @dataclass(frozen=True)
 class GroupingConfig:
-    num_groups: int = 3000  # K (paper: 300 -> 65.2, 1000 -> 67.0, 3000 -> 67.2 top-1 at 100 ep)
+    num_groups: int = 3000  # K (paper 7c: 300 -> 65.2, 1000 -> 67.0, 3000 -> 67.2 top-1 at 100 ep)
     tau: float = 0.1  # temperature (paper); below 0.05 the loss becomes peaky and unstable
-    beta_start: float = 1.0  # group momentum, linear schedule 1.0 -> 0.99 (paper ablation 7a)
-    beta_end: float = 0.99
-    regroup_every: int = 300  # steps between k-means re-groupings (our choice; paper: "periodically")
-    cache_size: int = 65536  # features kept per rank for k-means; must be >= num_groups / world size
-    cache_features: Literal["momentum", "online"] = "momentum"  # ALGORITHM.md step 6 (choice)
+    beta_schedule: Literal["linear", "fixed"] = "linear"  # paper 7a: linear 1.0 -> 0.99 67.2, fixed 0.99 65.9
+    beta_start: float = 1.0  # group momentum beta at step 0 (linear schedule only)
+    beta_end: float = 0.99  # beta at the last step; the fixed schedule's value
+    update: Literal["momentum", "adopt_latest", "averaging", "random_select"] = "momentum"  # paper 7d; docs/method.md
+    regroup_every: int = 300  # steps between k-means re-groupings (our choice; paper: "periodically"); 0: never
+    reset_momentum: bool = True  # reset the momentum encoder to the online one periodically (paper 7b)
+    reset_every: int | None = None  # steps between resets; null: at each re-grouping (needs regroup_every > 0)
+    # Features k-means clusters: the union of the ranks' FIFO caches, each rank keeping cache_size // world size
+    # (the remainder is dropped, derived.cache_size_per_device says how many); the union must hold K rows.
+    cache_size: int = 65536
+    # A re-grouping needs the caches to hold this many rows per group (or to be full): the first one comes at the
+    # first step they do, before step regroup_every, so that G does not stay random (docs/method.md). >= 1.
+    min_rows_per_group: int = 10
+    cache_features: Literal["momentum", "online"] = "momentum"  # docs/method.md step 6 (choice)
     kmeans_mode: Literal["gather", "sharded"] = "gather"  # "sharded" when the union does not fit one rank
     kmeans_iters: int = 20
 
@@ -102,7 +119,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
     trust_coeff: float = 0.001  # LARS trust coefficient (timm default)
     ema_start: float = 0.99  # momentum encoder m: cosine 0.99 -> 1.0 (BYOL)
-    clip_grad_norm: float | None = None  # clip the global gradient norm; None: no clipping
+    clip_grad_norm: float | None = None  # clip the global gradient norm (> 0); None: no clipping
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -180,21 +201,44 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads an exponent without a dot (``5e-4``, ``3E-4``) as a string; this loader reads it as
+    a float, as YAML 1.2 does, everywhere (typed fields, crop records, ``backbone_kwargs``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``text`` as YAML; a syntax error is one line naming ``where``, the line and the column."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from err
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), _parse_yaml(raw, f"override {text!r}") if raw.strip() else ""
+
+
+def shipped_recipes() -> str:
+    """The recipes that come with the code, for error messages."""
+    names = sorted(str(p.relative_to(RECIPES.parent)) for p in RECIPES.glob("*.yaml"))
+    return ", ".join(names) if names else f"none found in {RECIPES}"
 
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Recipe YAML, then ``dotted.key=value`` overrides (values parsed as YAML), validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections")
+    """Recipe YAML (over its ``base``, if it names one), then ``dotted.key=value`` overrides (values parsed as
+    YAML), validated."""
+    values = _read_recipe(Path(path))
     for text in overrides:
         keys, value = _parse_override(text)
         node = values
@@ -214,10 +258,48 @@ def _longest_open(data: DataConfig) -> float:
     return attempts * data.stall_timeout_s + data.retry_delay_s * attempts * (attempts - 1) / 2
 
 
+def _read_recipe(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's sections. A top-level ``base: other.yaml`` (a path relative to the recipe) is read first and
+    the recipe laid over it: mappings merged key by key, any other value replaced (a list of crops whole)."""
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist; recipes: {shipped_recipes()}")
+    values = _parse_yaml(path.read_text(), f"recipe {str(path)!r}") or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or path.resolve() in including:
+        raise ConfigError(f"recipe {str(path)!r}: base must name another recipe (not itself), got {base!r}")
+    return _laid_over(_read_recipe(path.parent / base, (*including, path.resolve())), values)
+
+
+def _laid_over(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in values.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _laid_over(merged[key], value) if both else value
+    return merged
+
+
 def validate(config: Config) -> None:
     """Checks across fields that types alone cannot express; raises ConfigError naming the key."""
+    run, optim = config.run, config.optim
+    trackers = [t.value for t in LoggerType]
     checks = [
         (config.data.train_shards != "", "data.train_shards: no training shards given"),
+        (run.log_every >= 1, "run.log_every must be at least 1"),
+        (run.save_every >= 1, "run.save_every must be at least 1"),
+        (run.max_nonfinite_steps >= 1, "run.max_nonfinite_steps must be at least 1"),
+        (run.seed >= 0, "run.seed must not be negative"),
+        (all(t in trackers for t in run.trackers),
+         f"run.trackers: {run.trackers} names an unknown tracker; Accelerate's are {', '.join(trackers)}"),
+        (optim.base_lr >= 0, "optim.base_lr must not be negative"),
+        (optim.final_lr >= 0, "optim.final_lr must not be negative"),
+        (0 <= optim.momentum < 1, "optim.momentum must lie in [0, 1)"),
+        (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be 2 values in [0, 1)"),
+        (optim.clip_grad_norm is None or optim.clip_grad_norm > 0,
+         "optim.clip_grad_norm must be positive (null: no clipping)"),
         (config.optim.global_batch_size > 0, "optim.global_batch_size must be positive"),
         (config.optim.grad_accum_steps > 0, "optim.grad_accum_steps must be positive"),
         (config.optim.epochs > 0, "optim.epochs must be positive"),
@@ -225,8 +307,17 @@ def validate(config: Config) -> None:
         (0 <= config.grouping.beta_end <= 1 and 0 <= config.grouping.beta_start <= 1,
          "grouping.beta_start/beta_end must lie in [0, 1]"),
         (0 <= config.optim.ema_start <= 1, "optim.ema_start must lie in [0, 1]"),
-        (config.grouping.regroup_every > 0, "grouping.regroup_every must be positive"),
+        (config.grouping.regroup_every >= 0, "grouping.regroup_every must not be negative (0: never re-group)"),
+        (config.grouping.reset_every is None or config.grouping.reset_every > 0,
+         "grouping.reset_every must be positive (null: reset at each re-grouping)"),
+        (config.grouping.reset_every is None or config.grouping.reset_momentum,
+         "grouping.reset_every needs grouping.reset_momentum=true"),
+        (not config.grouping.reset_momentum or config.grouping.reset_every or config.grouping.regroup_every,
+         ("grouping.reset_momentum=true with grouping.regroup_every=0 needs grouping.reset_every (steps between "
+          "resets), or set grouping.reset_momentum=false")),
         (config.grouping.num_groups >= 2, "grouping.num_groups must be at least 2"),
+        (config.grouping.cache_size >= 1, "grouping.cache_size must be positive"),
+        (config.grouping.min_rows_per_group >= 1, "grouping.min_rows_per_group must be at least 1"),
         (config.run.max_steps is None or config.run.max_steps > 0, "run.max_steps must be positive"),
         (config.run.keep_last >= 1, "run.keep_last must be at least 1"),
         (config.data.open_attempts >= 1, "data.open_attempts must be at least 1"),
@@ -252,14 +343,15 @@ def crop_specs(config: Config) -> list:
     """``data.crops`` as ``multicrop.CropSpec`` records; a bad field fails naming its index and key."""
     from smog_scale.data.multicrop import CropSpec  # torchvision import deferred to validation
 
-    names = [f.name for f in dataclasses.fields(CropSpec)]
+    hints = typing.get_type_hints(CropSpec)
     specs = []
     for index, record in enumerate(config.data.crops):
         for key in record:
-            if key not in names:
-                raise _unknown_key(f"data.crops[{index}].{key}", key, names, "")
+            if key not in hints:
+                raise _unknown_key(f"data.crops[{index}].{key}", key, list(hints), "")
+        typed = {key: _coerce(value, hints[key], f"data.crops[{index}].{key}") for key, value in record.items()}
         try:
-            specs.append(CropSpec(**record))
+            specs.append(CropSpec(**typed))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"data.crops[{index}]: {err}") from err
     return specs
@@ -276,13 +368,15 @@ class Derived:
     total_steps: int
     warmup_steps: int
     scaled_lr: float
+    cache_size_per_device: int  # grouping.cache_size // world_size rows in each rank's feature cache
 
 
 def derive(config: Config, world_size: int, num_samples: int) -> Derived:
     """Per-device batch, schedule lengths and the scaled learning rate for this launch.
 
     Raises ConfigError when the global batch does not split evenly over ranks x accumulation, when
-    the union of the feature caches cannot hold K groups, or when an epoch is shorter than a step.
+    the union of the feature caches (each rank's share of ``grouping.cache_size``) cannot hold K groups, or
+    when an epoch is shorter than a step.
     """
     optim, grouping = config.optim, config.grouping
     split = world_size * optim.grad_accum_steps
@@ -291,10 +385,12 @@ def derive(config: Config, world_size: int, num_samples: int) -> Derived:
             f"optim.global_batch_size={optim.global_batch_size} is not divisible by world size {world_size} "
             f"x optim.grad_accum_steps={optim.grad_accum_steps}"
         )
-    if grouping.num_groups > grouping.cache_size * world_size:
+    share = grouping.cache_size // world_size
+    if config.model.objective == "smog" and grouping.num_groups > share * world_size:
         raise ConfigError(
             f"grouping.num_groups={grouping.num_groups} exceeds the feature cache: grouping.cache_size="
-            f"{grouping.cache_size} x {world_size} rank(s) = {grouping.cache_size * world_size} features"
+            f"{grouping.cache_size} leaves each of {world_size} rank(s) {share} rows ({share * world_size} in all), "
+            f"below K / world size = {grouping.num_groups / world_size:g}"
         )
     # What the loader yields per rank: whole batches, split evenly over its workers.
     workers = max(1, config.data.num_workers)
@@ -311,6 +407,7 @@ def derive(config: Config, world_size: int, num_samples: int) -> Derived:
         total_steps=steps_per_epoch * optim.epochs,
         warmup_steps=round(steps_per_epoch * optim.warmup_epochs),
         scaled_lr=optim.base_lr * optim.global_batch_size / 256,
+        cache_size_per_device=share,
     )
 
 
@@ -318,9 +415,25 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def dump(config: Config, path: str | Path, derived: Derived | None = None) -> None:
-    """Write the resolved config (and the values derived for this launch) as YAML."""
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested tree as ``{"dotted.key": leaf}``; lists and empty mappings are leaves."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resolved(config: Config, derived: Derived | None = None) -> dict[str, Any]:
+    """The resolved config as a tree, plus a ``derived`` section with the values derived for this launch."""
     tree = to_dict(config)
     if derived is not None:
         tree["derived"] = dataclasses.asdict(derived)
-    Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))
+    return tree
+
+
+def dump(config: Config, path: str | Path, derived: Derived | None = None) -> None:
+    """Write the resolved config (and the values derived for this launch) as YAML."""
+    Path(path).write_text(yaml.safe_dump(resolved(config, derived), sort_keys=False))

@@ -29,10 +29,19 @@ def rank() -> int:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, out of place, no gradient. Returns ``tensor`` itself at world size 1."""
+    return _all_reduce(tensor, torch_dist.ReduceOp.SUM)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks, out of place, no gradient. Returns ``tensor`` itself at world size 1."""
+    return _all_reduce(tensor, torch_dist.ReduceOp.MAX)
+
+
+def _all_reduce(tensor: torch.Tensor, op: torch_dist.ReduceOp.RedOpType) -> torch.Tensor:
     if not is_distributed():
         return tensor
     out = tensor.detach().clone()
-    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    torch_dist.all_reduce(out, op=op)
     return out
 
 
@@ -40,7 +49,7 @@ def all_reduce_sum_differentiable(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks whose backward sums the incoming gradients over ranks too.
 
     This is what makes a rank's loss reach the features of every other rank through a shared
-    statistic (the per-group sums of ALGORITHM.md step 3).
+    statistic (the per-group sums of docs/method.md step 3).
     """
     if not is_distributed():
         return tensor

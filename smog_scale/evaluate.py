@@ -9,7 +9,7 @@ needs every sample is gathered through ``dist``:
   so no rank ever holds the 1.28M ImageNet training features of the others.
 - Linear probe (MoCo v3 / DINO protocol): frozen backbone, BN without affine, one linear head per
   learning rate, SGD with momentum and a cosine schedule; gradients are averaged by DDP.
-- Group quality (the paper's Fig. 5, ALGORITHM.md "Health signals"): per-group class entropy of
+- Group quality (the paper's Fig. 5, docs/method.md "Grouping health"): per-group class entropy of
   labelled samples assigned to the checkpoint's groups.
 
 Accuracies are percentages.

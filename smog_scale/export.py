@@ -1,8 +1,9 @@
 """Trained networks out of a run: strict checkpoint loading and export of the backbone to timm.
 
 A *source* is a run folder (its newest complete checkpoint), a checkpoint directory
-``RUN/checkpoints/step_XXXXXXXX/`` (the recipe is ``RUN/config.yaml``, two levels up) or, for the
-evaluation tools, a folder written by :func:`export_timm`. A checkpoint holds Accelerate's
+``RUN/checkpoints/step_XXXXXXXX/`` (the recipe is its own ``config.yaml``; ``RUN/config.yaml`` for
+checkpoints written before they held one) or, for the evaluation tools, a folder written by
+:func:`export_timm`. A checkpoint holds Accelerate's
 ``model.safetensors`` or, from a DeepSpeed run, DeepSpeed's ``pytorch_model/`` folder. Loading is
 strict everywhere: a key or shape that does not fit raises :class:`CheckpointError` naming the file
 and the keys. Only :func:`export_timm` drops keys (projector, predictor, the other encoder), and it
@@ -12,7 +13,9 @@ The export is a timm "local-dir" model folder: ``model.safetensors`` (the backbo
 and ``config.json`` in timm's hub format plus a ``smog`` section (recipe, step, dropped keys), so both
 ``timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=...))`` and
 ``timm.create_model("local-dir:OUT_DIR", pretrained=True, num_classes=0)`` load it. ``resnet50x2`` /
-``resnet50x4`` need ``import smog_scale`` first (it registers them with timm).
+``resnet50x4`` need ``import smog_scale`` first (it registers them with timm). For detection and
+segmentation a ResNet backbone is also written for torchvision (and mmdetection / mmsegmentation) and
+for detectron2 (:mod:`smog_scale.convert`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -32,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from smog_scale import checkpoint
+from smog_scale import checkpoint, convert
 from smog_scale.config import ModelConfig
 from smog_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from smog_scale.models.backbone import build_backbone  # also registers resnet50x2 / resnet50x4
@@ -55,7 +59,7 @@ class Checkpoint:
     """A complete checkpoint and the recipe it was trained with."""
 
     path: Path  # RUN/checkpoints/step_XXXXXXXX
-    config_file: Path  # RUN/config.yaml
+    config_file: Path  # the checkpoint's config.yaml (RUN/config.yaml for older checkpoints)
     recipe: dict[str, Any]  # config.yaml as written by the trainer (resolved config plus "derived")
     step: int
 
@@ -84,7 +88,7 @@ def resolve_checkpoint(source: str | Path) -> Checkpoint:
     path = Path(source)
     if not path.exists():
         raise CheckpointError(f"{path}: no such run folder or checkpoint directory")
-    if (path / "config.yaml").is_file():
+    if not path.name.startswith(checkpoint.PREFIX) and (path / "config.yaml").is_file():
         found = checkpoint.complete_checkpoints(path)
         if not found:
             raise CheckpointError(f"{path}: run folder without a complete checkpoint in "
@@ -92,9 +96,10 @@ def resolve_checkpoint(source: str | Path) -> Checkpoint:
         path = found[-1]
     elif not path.name.startswith(checkpoint.PREFIX):
         raise CheckpointError(f"{path}: neither a run folder (config.yaml) nor a checkpoint directory (step_XXXXXXXX)")
-    config_file = path.parent.parent / "config.yaml"
+    config_file = checkpoint.recipe_file(path)
     if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: missing; a checkpoint's recipe is read from RUN/config.yaml")
+        raise CheckpointError(f"{config_file}: missing; a checkpoint's recipe is read from its config.yaml "
+                              "(from RUN/config.yaml for checkpoints written before they held one)")
     recipe = yaml.safe_load(config_file.read_text()) or {}
     state_file = path / "trainer_state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -227,60 +232,86 @@ class ExportResult:
     architecture: str
     step: int
     dropped: dict[str, int]  # key prefix -> number of tensors left out of the export
-    max_abs_diff: float  # self-check: features of the reloaded export vs the training backbone
+    max_abs_diff: dict[str, float]  # format -> self-check: features (timm, torchvision) or tensors (detectron2)
+    files: list[Path]  # written into out_dir
+    detectron2_config: dict[str, Any] | None  # the config keys the detectron2 export needs
 
 
-def export_timm(source: str | Path, out_dir: str | Path, which: Encoder = "online",
-                check_size: int | None = None, check_batch: int = 2) -> ExportResult:
-    """Write ``OUT_DIR/model.safetensors`` and ``config.json``, then reload them through timm and compare.
+def export_timm(source: str | Path, out_dir: str | Path, which: Encoder = "online", check_size: int | None = None,
+                check_batch: int = 2, formats: Sequence[str] = ("timm",)) -> ExportResult:
+    """Write the backbone in each of ``formats`` into ``OUT_DIR``, reload every file and compare.
 
-    The files are written into ``OUT_DIR/.tmp-export`` and moved into place only after the self-check
-    passed: same keys and tensors, features within ``CHECK_TOLERANCE`` on a random batch of
-    ``check_batch`` images of ``check_size`` px (default: the recipe's crop size).
+    ``timm``: ``model.safetensors`` and ``config.json``; ``torchvision``: ``torchvision.pth``;
+    ``detectron2``: ``detectron2.pkl`` and ``detectron2.yaml`` (see :mod:`smog_scale.convert`). A format
+    the backbone cannot take fails (:class:`convert.FormatError`) before anything is written. The files
+    are written into ``OUT_DIR/.tmp-export`` and moved into place only after every self-check passed:
+    timm and torchvision reload the file and give features within ``CHECK_TOLERANCE`` on a random batch
+    of ``check_batch`` images of ``check_size`` px (default: the recipe's crop size); detectron2's tensors
+    must equal the backbone's.
     """
+    unknown = [f for f in formats if f not in convert.FORMATS]
+    if unknown or not formats:
+        raise CheckpointError(f"formats {list(formats)}: choose among {list(convert.FORMATS)}")
     ckpt = resolve_checkpoint(source)
     backbone, dropped = load_backbone(ckpt, which)
     mc = ckpt.model_config
+    layout = convert.resnet_layout(backbone, mc.backbone) if set(formats) - {"timm"} else None
+    vision = (convert.torchvision_resnet(mc.backbone, layout)
+              if "torchvision" in formats and layout is not None else None)
     interpolation = ckpt.recipe.get("data", {}).get("crops", [{}])[0].get("interpolation", "bicubic")
     smog = {"source": str(ckpt.path), "step": ckpt.step, "encoder": which, "dropped": dropped, "recipe": ckpt.recipe}
     config = timm_config(backbone, mc.backbone, mc.backbone_kwargs, ckpt.image_size, interpolation, smog)
+    size = check_size or config["pretrained_cfg"]["input_size"][-1]
     out_dir = Path(out_dir)
     tmp = out_dir / ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in backbone.state_dict().items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    diffs: dict[str, float] = {}
+    d2_config = None
     try:
-        diff = self_check(backbone, tmp, check_size or config["pretrained_cfg"]["input_size"][-1], check_batch)
-    except CheckpointError:
+        if "timm" in formats:
+            save_file({k: v.detach().contiguous() for k, v in backbone.state_dict().items()},
+                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            diffs["timm"] = self_check(backbone, load_exported(tmp), tmp / "model.safetensors", size, check_batch)
+        if vision is not None:
+            convert.write_torchvision(backbone, tmp / convert.TORCHVISION_FILE)
+            strict_load(vision, torch.load(tmp / convert.TORCHVISION_FILE, weights_only=True),
+                        tmp / convert.TORCHVISION_FILE, what=f"torchvision.models.{mc.backbone}() without fc")
+            diffs["torchvision"] = self_check(backbone, vision, tmp / convert.TORCHVISION_FILE, size, check_batch)
+        if "detectron2" in formats and layout is not None:
+            convert.write_detectron2(backbone, tmp / convert.DETECTRON2_FILE)
+            diffs["detectron2"] = convert.check_detectron2(backbone, tmp / convert.DETECTRON2_FILE)
+            d2_config = convert.detectron2_config(layout, (out_dir / convert.DETECTRON2_FILE).resolve())
+            (tmp / convert.DETECTRON2_CONFIG).write_text(yaml.safe_dump(d2_config, sort_keys=False))
+    except (CheckpointError, convert.FormatError):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for name in ("model.safetensors", "config.json"):
-        os.replace(tmp / name, out_dir / name)
-    os.chmod(out_dir / "model.safetensors", 0o644)  # safetensors writes 0600; an export is for sharing
+    files = sorted(tmp.iterdir())
+    for file in files:
+        os.replace(file, out_dir / file.name)
+        os.chmod(out_dir / file.name, 0o644)  # safetensors writes 0600; an export is for sharing
     tmp.rmdir()
-    return ExportResult(out_dir, mc.backbone, ckpt.step, dropped, diff)
+    return ExportResult(out_dir, mc.backbone, ckpt.step, dropped, diffs, [out_dir / f.name for f in files], d2_config)
 
 
 @torch.no_grad()
-def self_check(backbone: nn.Module, export_dir: Path, image_size: int, batch: int = 2) -> float:
-    """Reload ``export_dir`` through timm; raise CheckpointError unless it equals ``backbone``.
+def self_check(backbone: nn.Module, reloaded: nn.Module, file: Path, image_size: int, batch: int = 2) -> float:
+    """Raise CheckpointError unless ``reloaded`` (built from ``file``) equals ``backbone``.
 
-    Returns the max abs difference of the features on a seeded random batch.
+    Same keys and tensors, and features within ``CHECK_TOLERANCE`` on a seeded random batch; returns
+    the max abs difference of the features.
     """
-    file = export_dir / "model.safetensors"
-    reloaded = load_exported(export_dir)
-    saved, got = load_file(str(file)), reloaded.state_dict()
+    saved, got = backbone.state_dict(), reloaded.state_dict()
     missing, unexpected = sorted(set(got) - set(saved)), sorted(set(saved) - set(got))
     differ = [k for k in got if k in saved and not torch.equal(got[k], saved[k])]
     if missing or unexpected or differ:
-        raise CheckpointError(f"self-check: timm's reload of {file} has missing keys {missing[:_SHOWN]}, "
+        raise CheckpointError(f"self-check: the reload of {file} has missing keys {missing[:_SHOWN]}, "
                               f"unexpected keys {unexpected[:_SHOWN]}, different tensors {differ[:_SHOWN]}")
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    diff = float((backbone.eval()(images) - reloaded(images)).abs().max())
+    diff = float((backbone.eval()(images) - reloaded.eval()(images)).abs().max())
     if not diff <= CHECK_TOLERANCE:
-        raise CheckpointError(f"self-check: features of {file} reloaded through timm differ from the training "
+        raise CheckpointError(f"self-check: features of {file} reloaded differ from the training "
                               f"backbone by {diff:.3g} > {CHECK_TOLERANCE}")
     return diff
 

@@ -1,7 +1,7 @@
-"""Per-rank FIFO cache of detached features for periodic re-grouping (ALGORITHM.md step 6).
+"""Per-rank FIFO cache of detached features for periodic re-grouping (docs/method.md step 6).
 
-Each rank keeps its own cache; k-means runs over the union of all ranks' caches. The write pointer
-and the fill level are device tensors so a push never syncs with the host, and a push guarded by a
+Each rank keeps its own cache, its share of ``grouping.cache_size`` (the union, which k-means clusters).
+The write pointer and the fill level are device tensors so a push never syncs with the host, and a push guarded by a
 device-side ``ok`` flag writes nothing when the step was not finite.
 """
 
@@ -54,7 +54,10 @@ class FeatureCache(torch.nn.Module):
         self.filled.copy_(torch.clamp(self.filled + step, max=self.capacity))
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The filled rows (features [N, D], ids [N]), oldest first."""
-        filled = int(self.filled)
-        order = (int(self.ptr) - filled + torch.arange(filled, device=self.feats.device)) % self.capacity
+        """The filled rows (features [N, D], ids [N]), oldest first; reads the fill level on the host."""
+        return self.newest(int(self.filled))
+
+    def newest(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The newest ``rows`` rows (features [rows, D], ids [rows]), oldest first, without a host read."""
+        order = (self.ptr - rows + torch.arange(rows, device=self.feats.device)) % self.capacity
         return self.feats[order], self.ids[order]

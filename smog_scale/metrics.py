@@ -1,4 +1,4 @@
-"""Health signals of the grouping (ALGORITHM.md "Health signals") and the run log that reports them."""
+"""Health signals of the grouping (docs/method.md "Grouping health") and the run log that reports them."""
 
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
 
+from smog_scale import dist
+from smog_scale.config import flatten
 from smog_scale.config import to_dict as config_dict
 
 if TYPE_CHECKING:
@@ -29,6 +34,34 @@ def assignment_health(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def cluster_size_health(sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """From a re-grouping's cluster sizes [K]: largest and smallest (0-dim) and the 0, 10, 50, 90 and 100%
+    quantiles [5], all on the sizes' device."""
+    sizes = sizes.float()
+    levels = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], device=sizes.device)
+    return {"largest": sizes.max(), "smallest": sizes.min(), "quantiles": torch.quantile(sizes, levels)}
+
+
+def label_churn(old: torch.Tensor, new: torch.Tensor, num_groups: int) -> float:
+    """The share of cached rows whose group changed at a re-grouping (docs/method.md "Grouping health").
+
+    ``old`` and ``new`` [N] (long) are this rank's cached rows' groups under the old G and under the new one.
+    k-means numbers its centroids arbitrarily, so the old groups are first matched one-to-one to the new ones so
+    that as many rows as possible keep their (matched) group: the Hungarian algorithm (scipy's
+    ``linear_sum_assignment``) on the [K, K] contingency of the union over all ranks, on rank 0's host. Churn is
+    1 - kept / rows. A collective: every rank calls it and gets the same value (one gather, one broadcast).
+    """
+    pairs = dist.gather_cat(torch.stack([old, new], dim=1))  # [N_union, 2] on rank 0 only
+    churn = torch.zeros(1, dtype=torch.float64, device=old.device)
+    if pairs is not None and pairs.shape[0]:
+        rows = pairs.cpu().numpy()
+        counts = coo_matrix((np.ones(len(rows), np.float32), (rows[:, 0], rows[:, 1])), shape=(num_groups, num_groups))
+        contingency = counts.toarray()  # duplicates summed; K = 3000: 36 MB, 0.6 s to match on one CPU core
+        matched_old, matched_new = linear_sum_assignment(contingency, maximize=True)
+        churn.fill_(1.0 - float(contingency[matched_old, matched_new].sum()) / len(rows))
+    return float(dist.broadcast(churn).item())
+
+
 def group_entropy(groups: torch.Tensor, classes: torch.Tensor, num_groups: int, num_classes: int) -> torch.Tensor:
     """Per-group class entropy of the paper's Fig. 5: for each group, sum_c -p_c log p_c over the class
     ratios of its members. Returns [num_groups] (nats; 0 for empty groups)."""
@@ -36,6 +69,11 @@ def group_entropy(groups: torch.Tensor, classes: torch.Tensor, num_groups: int, 
     joint.index_put_((groups, classes), torch.ones_like(groups, dtype=torch.float64), accumulate=True)
     ratios = joint / joint.sum(dim=1, keepdim=True).clamp(min=1)
     return -(ratios * ratios.clamp(min=1e-300).log()).sum(dim=1)
+
+
+# Step metrics that are each rank's share of its own batch: equal batches, so their mean over ranks is the
+# global batch's (one all-reduce per log step).
+RANK_MEANS = ("loss", "label_agreement", "prediction_hit_rate")
 
 
 class RunLog:
@@ -58,34 +96,38 @@ class RunLog:
         self.window_start, self.window_step, self.waited = time.perf_counter(), state.global_step, 0.0
         if state.cfg.run.trackers:
             flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                    for k, v in _flatten(config_dict(state.cfg)).items()}
+                    for k, v in flatten(config_dict(state.cfg)).items()}
             self.accelerator.init_trackers("tensorboard", config=flat)  # logs in RUN/tensorboard
 
     def data_wait(self, seconds: float) -> None:
         self.waited += seconds
 
     def _write(self, record: dict[str, Any], step: int) -> None:
-        if self.jsonl is not None:  # the main process's
+        if self.jsonl is not None:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
         self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
-    def step(self, state: TrainState, metrics: dict[str, torch.Tensor]) -> None:
-        from smog_scale import dist
-
+    def step(self, state: TrainState, metrics: dict[str, torch.Tensor | float]) -> None:
         step = state.global_step
-        loss = float(dist.all_reduce_sum(metrics["loss"].float()) / dist.world_size())
+        means = [key for key in RANK_MEANS if key in metrics]  # one all-reduce for them all
+        reduced = dist.all_reduce_sum(torch.stack([torch.as_tensor(metrics[key]).float() for key in means]))
+        averaged = dict(zip(means, (reduced / dist.world_size()).tolist()))
         now = time.perf_counter()
         elapsed, steps = now - self.window_start, max(step - self.window_step, 1)
-        record = {"step": step, "loss": loss, **{k: float(v) for k, v in metrics.items() if k != "loss"},
+        record = {"step": step, **averaged, **{k: float(v) for k, v in metrics.items() if k not in averaged},
                   "images_per_s": steps * state.cfg.optim.global_batch_size / elapsed,
                   "data_wait_share": min(self.waited / elapsed, 1.0), "samples_seen": state.samples_seen,
                   "skipped_samples": state.skipped_samples, "nonfinite_steps": state.nonfinite_steps,
+                  "overflow_steps": state.overflow_steps,
                   "peak_memory_gb": _peak_memory_gb(state.accelerator.device), "time": time.time()}
         self._write(record, step)
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}",
-                             wait=f"{record['data_wait_share']:.0%}", groups=int(record["groups_used"]))
+        grouping = {} if "groups_used" not in record else {  # none under BYOL
+            "groups": int(record["groups_used"]), "agree": f"{record['label_agreement']:.0%}",
+            "hit": f"{record['prediction_hit_rate']:.0%}"}
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
+                             img_s=f"{record['images_per_s']:.0f}", wait=f"{record['data_wait_share']:.0%}", **grouping)
         self.window_start, self.window_step, self.waited = now, step, 0.0
 
     def event(self, step: int, name: str, values: dict[str, float]) -> None:
@@ -93,13 +135,15 @@ class RunLog:
         self._write({"step": step, "event": name, **values}, step)
         self.message(f"step {step} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
 
-    def regroup(self, state: TrainState, result: Any) -> None:
-        sizes = result.sizes.float()
+    def regroup(self, state: TrainState, result: Any, churn: float) -> None:
+        """A re-grouping's record: k-means' cluster sizes and distance, and the label churn (:func:`label_churn`)."""
+        stats = cluster_size_health(result.sizes)  # device math; the host reads follow
         record = {"step": state.global_step, "event": "regroup", "regroup/empty_reseeded": int(result.num_reseeded),
-                  "regroup/largest_cluster": int(sizes.max()), "regroup/smallest_cluster": int(sizes.min()),
+                  "regroup/largest_cluster": int(stats["largest"]), "regroup/smallest_cluster": int(stats["smallest"]),
                   "regroup/mean_cos_distance": float(result.mean_distance),
-                  "regroup/size_quantiles": torch.quantile(sizes, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0])).tolist()}
+                  "regroup/size_quantiles": stats["quantiles"].tolist(), "regroup/label_churn": churn}
         self._write(record, state.global_step)
+        self.message(f"step {state.global_step}: re-grouped, label churn {churn:.1%}")
 
     def message(self, text: str) -> None:
         if self.main:
@@ -113,16 +157,6 @@ class RunLog:
         if self.jsonl:
             self.jsonl.close()
         self.accelerator.end_training()
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _peak_memory_gb(device: torch.device) -> float:

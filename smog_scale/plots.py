@@ -20,13 +20,17 @@ CURVES = {
     "groups_used": "groups used (global batch)",
     "assignment_entropy": "assignment entropy (nats)",
     "largest_group_share": "largest group's share",
+    "label_agreement": "label agreement y_a = y_b",
+    "prediction_hit_rate": "prediction hit rate",
     "images_per_s": "images / s",
     "knn_top1": "kNN top-1 (%)",
 }
+# Fields of the re-grouping events, drawn as points at their steps.
+REGROUP_CURVES = {"regroup/label_churn": "label churn at re-grouping"}
 
 
-def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """Records with a ``step`` (e.g. kNN monitor records too) and the steps of ``regroup`` events.
+def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Records with a ``step`` (e.g. kNN monitor records too) and the ``regroup`` events' records.
 
     ``{"message": ...}`` lines have no step and are skipped; a truncated last line (a run still
     writing) is ignored, any other unreadable line fails naming its number.
@@ -43,36 +47,40 @@ def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
                 break
             raise ValueError(f"{path}:{number}: not JSON: {err}") from err
         if record.get("event") == "regroup":
-            regroups.append(int(record["step"]))
+            regroups.append(record)
         elif "step" in record:
             records.append(record)
     return records, regroups
 
 
 def plot_training_curves(metrics_path: str | Path, out_path: str | Path, title: str = "") -> list[str]:
-    """One panel per field of :data:`CURVES` present in the run; re-groupings as dotted vertical lines.
+    """One panel per field of :data:`CURVES` and :data:`REGROUP_CURVES` present in the run; re-groupings as
+    dotted vertical lines.
 
     Returns the fields drawn. Raises ValueError when the file holds no step record.
     """
-    records, regroups = read_metrics(metrics_path)
+    records, events = read_metrics(metrics_path)
     fields = [f for f in CURVES if any(f in r for r in records)]
     if not fields:
         raise ValueError(f"{metrics_path}: no step records with any of {', '.join(CURVES)}")
+    panels = [(f, CURVES[f], records) for f in fields]
+    panels += [(f, label, events) for f, label in REGROUP_CURVES.items() if any(f in e for e in events)]
+    regroups = [int(e["step"]) for e in events]
     columns = 2
-    rows = (len(fields) + columns - 1) // columns
+    rows = (len(panels) + columns - 1) // columns
     fig = Figure(figsize=(6 * columns, 2.8 * rows), layout="constrained")
-    for index, field in enumerate(fields):
+    for index, (field, label, source) in enumerate(panels):
         ax = fig.add_subplot(rows, columns, index + 1)
-        points = [(r["step"], r[field]) for r in records if r.get(field) is not None]
+        points = [(r["step"], r[field]) for r in source if r.get(field) is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2, marker="." if len(points) < 50 else None)
         for step in regroups:
             ax.axvline(step, color="grey", ls=":", lw=0.8)
         ax.set_xlabel("step")
-        ax.set_ylabel(CURVES[field])
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle(title or f"{metrics_path}" + (f" (dotted: {len(regroups)} re-groupings)" if regroups else ""))
     _save(fig, out_path)
-    return fields
+    return [field for field, _, _ in panels]
 
 
 def plot_group_quality(summary: dict[str, Any], out_path: str | Path, title: str = "") -> None:

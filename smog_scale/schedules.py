@@ -1,4 +1,4 @@
-"""Schedules as pure functions of ``global_step`` (STYLE take 5).
+"""Schedules as pure functions of ``global_step`` (docs/method.md "Schedules").
 
 ``total_steps`` is the full-length run; stopping early (``run.max_steps``) keeps this shape.
 """
@@ -29,6 +29,11 @@ def ema_momentum(step: int, total_steps: int, start: float = 0.99, end: float = 
     return cosine(step, total_steps, start, end)
 
 
-def group_beta(step: int, total_steps: int, start: float = 1.0, end: float = 0.99) -> float:
-    """beta of the group momentum update: linear from 1.0 to 0.99 (paper ablation 7a)."""
+def group_beta(step: int, total_steps: int, start: float = 1.0, end: float = 0.99, schedule: str = "linear") -> float:
+    """beta of the group momentum update: ``linear`` from ``start`` (1.0) to ``end`` (0.99), or ``fixed`` at
+    ``end`` (paper ablation 7a)."""
+    if schedule == "fixed":
+        return end
+    if schedule != "linear":
+        raise ValueError(f"beta schedule must be 'linear' or 'fixed', got {schedule!r}")
     return start + (end - start) * _progress(step, total_steps)

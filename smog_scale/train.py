@@ -2,7 +2,8 @@
 
 The same command runs on a laptop CPU, one GPU, 8 GPUs or several nodes; the launcher decides.
 Exit codes: 0 done or pre-empted (checkpoint written), 1 stopped on non-finite steps or an error
-(an unreadable shard or a failed save: one line naming it), 2 bad recipe or launch (before any work).
+(an unreadable shard, a failed save, CUDA out of memory: one line naming it), 2 bad recipe or launch
+(before any work).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from smog_scale import checkpoint, config, dist, evaluate
+from smog_scale import checkpoint, config, dist, memory, monitor, preflight, regrouping, run_dir
 from smog_scale.config import ConfigError
-from smog_scale.data.shards import ShardError, build_eval_loader, build_train_loader, check_shards, count_samples
+from smog_scale.data.shard_list import ShardError
+from smog_scale.data.shards import build_train_loader
 from smog_scale.engine import TrainState, train_step
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
-from smog_scale.kmeans import fit as kmeans_fit
 from smog_scale.metrics import RunLog
 from smog_scale.models.smog import SMoGModel
 from smog_scale.optim import build_optimizer
@@ -44,29 +45,14 @@ def make_accelerator(cfg: config.Config) -> Accelerator:
     return accelerator
 
 
-def num_samples(cfg: config.Config) -> int:
-    """Samples per epoch: the recipe's, else the shards' manifests; missing shards fail here."""
-    try:
-        check_shards(cfg.data.train_shards)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"data.train_shards: {err}") from err
-    if cfg.data.num_samples is not None:
-        return cfg.data.num_samples
-    try:
-        return count_samples(cfg.data.train_shards)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise ConfigError(f"data.num_samples is not set and no manifest gives it: {err}") from err
-
-
-def build(cfg: config.Config, accelerator: Accelerator) -> TrainState:
-    """Model, optimizer, groups and cache for this launch, prepared by Accelerate."""
-    derived = config.derive(cfg, accelerator.num_processes, num_samples(cfg))
-    Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        config.dump(cfg, Path(cfg.run.output_dir) / "config.yaml", derived)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
-            derived.batch_size_per_device
+def build(cfg: config.Config, accelerator: Accelerator, derived: config.Derived | None = None) -> TrainState:
+    """Model, optimizer, groups and cache for this launch (``derived`` by default from the preflight's
+    checks), prepared by Accelerate."""
+    derived = derived or preflight.derive(cfg, accelerator.num_processes)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # else the config file's values win
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=derived.batch_size_per_device,
+            gradient_accumulation_steps=cfg.optim.grad_accum_steps)
     set_seed(cfg.run.seed)
     mc = cfg.model
     model: torch.nn.Module = SMoGModel(mc.backbone, mc.proj_hidden_dim, mc.proj_dim, mc.pred_hidden_dim,
@@ -77,31 +63,13 @@ def build(cfg: config.Config, accelerator: Accelerator) -> TrainState:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, derived.scaled_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.unwrap_model(model).settle_dtypes()  # DeepSpeed cast all parameters to bf16/fp16
     if mc.compile:
         model = cast(torch.nn.Module, torch.compile(model))  # an OptimizedModule wrapping the model
     bank = GroupBank(cfg.grouping.num_groups, mc.proj_dim).to(accelerator.device)
     dist.broadcast(bank.groups)
-    cache = FeatureCache(cfg.grouping.cache_size, mc.proj_dim).to(accelerator.device)
+    cache = FeatureCache(derived.cache_size_per_device, mc.proj_dim).to(accelerator.device)
     return TrainState(cfg, derived, accelerator, model, optimizer, bank, cache)
-
-
-def regroup(state: TrainState, log: RunLog) -> None:
-    """k-means over all ranks' caches -> G, then reset the momentum encoder (ALGORITHM.md)."""
-    feats, _ = state.cache.contents()
-    available = int(dist.all_reduce_sum(torch.tensor([feats.shape[0]], device=feats.device)).item())
-    if available < state.bank.num_groups:
-        log.message(f"step {state.global_step}: re-grouping skipped, {available} cached features < K")
-        return
-    g = state.cfg.grouping
-    try:
-        result = kmeans_fit(feats, g.num_groups, mode=g.kmeans_mode, iters=g.kmeans_iters,
-                            seed=state.cfg.run.seed + state.global_step)
-    except ValueError as err:  # raised alike on every rank, e.g. fewer distinct cached rows than K
-        log.message(f"step {state.global_step}: re-grouping skipped, groups kept: {err}")
-        return
-    state.bank.set(result.centroids.to(state.bank.groups.device))
-    state.accelerator.unwrap_model(state.model).reset_momentum()
-    log.regroup(state, result)
 
 
 def shard_reading(cfg: config.Config) -> dict[str, Any]:
@@ -111,26 +79,22 @@ def shard_reading(cfg: config.Config) -> dict[str, Any]:
 
 
 def knn_monitor(state: TrainState, log: RunLog) -> None:
-    """kNN top-1/top-5 of the online backbone on held-out labelled shards (a collective)."""
-    mon = state.cfg.monitor
-    loaders = [build_eval_loader(urls, image_size=mon.image_size, batch_size=mon.batch_size,
-                                 num_workers=state.cfg.data.num_workers, rank=dist.rank(), world_size=dist.world_size(),
-                                 **shard_reading(state.cfg))
-               for urls in (mon.knn_train_shards, mon.knn_val_shards)]
-    backbone = state.accelerator.unwrap_model(state.model).online.backbone
-    log.event(state.global_step, "knn", evaluate.knn_monitor(state.accelerator, backbone, *loaders))
+    """The kNN monitor (:func:`monitor.knn`) reading its shards with the recipe's settings."""
+    monitor.knn(state, log, shard_reading(state.cfg))
 
 
 def save(state: TrainState) -> Path:
     return checkpoint.save(state.accelerator, state.cfg.run.output_dir, state.global_step, state.bank,
-                           state.cache, state.counters(), state.cfg.run.keep_last)
+                           state.cache, state.counters(), state.cfg.run.keep_last,
+                           recipe=config.resolved(state.cfg, state.derived))
 
 
 def train(state: TrainState, log: RunLog) -> int:
     cfg, derived = state.cfg, state.derived
     last_step = min(cfg.run.max_steps or derived.total_steps, derived.total_steps)
+    knn_every = cfg.monitor.knn_every_epochs * derived.steps_per_epoch
     while state.global_step < last_step:
-        epoch, done = divmod(state.global_step, derived.steps_per_epoch)
+        epoch, done = divmod(state.data_steps, derived.steps_per_epoch)  # skipped steps consumed data too
         loader = build_train_loader(
             cfg.data.train_shards, crops=config.crop_specs(cfg), batch_size=derived.batch_size_per_device,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=epoch, rank=dist.rank(),
@@ -141,24 +105,23 @@ def train(state: TrainState, log: RunLog) -> int:
         waited = time.perf_counter()
         for batch in itertools.islice(loader, remaining):
             log.data_wait(time.perf_counter() - waited)
-            metrics = train_step(state, batch)
-            if state.accelerator.sync_gradients:
+            end = train_step(state, batch)  # None before the last micro-batch of an optimizer step
+            if end is not None:
                 step = state.global_step
-                if step % cfg.run.log_every == 0 or step == last_step:
-                    log.step(state, metrics)
-                if step % cfg.grouping.regroup_every == 0:
-                    regroup(state, log)
-                every = cfg.monitor.knn_every_epochs * derived.steps_per_epoch
-                if every and (step % every == 0 or step == last_step):
+                if end.committed and (step % cfg.run.log_every == 0 or step == last_step):
+                    log.step(state, end.metrics)
+                if end.committed:
+                    regrouping.after_step(state, log)
+                if end.committed and knn_every and (step % knn_every == 0 or step == last_step):
                     knn_monitor(state, log)
                 if state.stop_requested:
                     log.message(f"stop requested (SIGTERM/SIGUSR1): saved {save(state)}, exiting")
                     return 0
                 if state.nonfinite_streak >= cfg.run.max_nonfinite_steps:
-                    log.message(f"{state.nonfinite_streak} non-finite steps in a row at step {step}: saved "
-                                f"{save(state)}; lower the learning rate or check the data, then resume")
+                    log.message(f"{state.nonfinite_streak} skipped (non-finite) steps in a row at step {step}: "
+                                f"saved {save(state)}; lower the learning rate or check the data, then resume")
                     return 1
-                if step % cfg.run.save_every == 0 or step >= last_step:
+                if end.committed and (step % cfg.run.save_every == 0 or step >= last_step):
                     save(state)
                 if step >= last_step:
                     break
@@ -168,29 +131,40 @@ def train(state: TrainState, log: RunLog) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="recipes/<name>.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.epochs=100")
+    parser.add_argument("recipe", nargs="?", help="recipes/<name>.yaml")
+    parser.add_argument("overrides", nargs="*", default=[], help="dotted.key=value, e.g. optim.epochs=100")
     args = parser.parse_args(argv)
     try:
+        if args.recipe is None:
+            raise ConfigError(f"no recipe given; recipes: {config.shipped_recipes()}")
         cfg = config.load(args.recipe, args.overrides)
         accelerator = make_accelerator(cfg)
-        state = build(cfg, accelerator)
+        run = run_dir.open_run(cfg, accelerator)  # the main process now holds the run folder's lock
     except ConfigError as err:
-        print(f"smog_scale: error: {err}", file=sys.stderr)
+        if not isinstance(err, run_dir.RefusedElsewhere):
+            print(f"smog_scale: error: {err}", file=sys.stderr)
         return 2
+    try:
+        return run_training(build(cfg, accelerator, run.derived), run)
+    finally:
+        run.close()
+
+
+def run_training(state: TrainState, run: run_dir.Run) -> int:
+    """Resume if decided, then train until done, pre-empted or stopped; failures end with one line."""
     log = RunLog(state)
-    resume_from = checkpoint.resolve(cfg.run.resume, cfg.run.output_dir)
-    if resume_from is not None:
-        for key, value in checkpoint.load(accelerator, resume_from, state.bank, state.cache).items():
+    for note in (*run.notes, regrouping.schedule(state.cfg, state.derived)):
+        log.message(note)
+    if run.resume_from is not None:
+        for key, value in checkpoint.load(state.accelerator, run.resume_from, state.bank, state.cache).items():
             if hasattr(state, key):
                 setattr(state, key, value)
-        log.message(f"resumed from {resume_from} at step {state.global_step}")
+        log.message(f"resumed from {run.resume_from} at step {state.global_step}")
 
     def request_stop(signum: int, _frame: object) -> None:
         state.stop_signal = True  # a separate flag: the step in flight overwrites stop_requested
 
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, request_stop)
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         return train(state, log)
     except BaseException as err:
@@ -202,9 +176,15 @@ def main(argv: list[str] | None = None) -> int:
             # from a loader worker it ends a copy of the worker's traceback, whose last line is the error
             print(f"smog_scale: error: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
             return 1
+        if isinstance(err, torch.cuda.OutOfMemoryError):  # one line: the keys that lower the per-device batch
+            advice = memory.oom_advice(state.cfg, state.derived, state.global_step)
+            print(f"smog_scale: error: {advice}", file=sys.stderr)
+            return 1
         raise
     finally:
         log.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

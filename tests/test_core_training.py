@@ -3,12 +3,12 @@
 import torch
 import torch.nn.functional as F
 
-from smog_scale.engine import grouping_step
 from smog_scale.feature_cache import FeatureCache
 from smog_scale.grouping import GroupBank
 from smog_scale.kmeans import kmeans
 from smog_scale.metrics import assignment_health
 from smog_scale.models.smog import SMoGModel
+from smog_scale.objectives import grouping_step
 
 
 def synthetic_images(n: int, num_classes: int = 8, size: int = 32, seed: int = 0):
@@ -61,7 +61,7 @@ def test_core_loop_loss_falls_without_collapse():
             bank.set(kmeans(cache.contents()[0], 16))
             model.reset_momentum()
         losses.append(result.loss.item())
-        used.append(int(assignment_health(result.counts)["groups_used"]))
+        used.append(int(assignment_health(result.stats.counts)["groups_used"]))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert all(torch.isfinite(torch.tensor(losses)))
     assert last < 0.8 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"

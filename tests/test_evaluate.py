@@ -163,15 +163,17 @@ def test_plot_metrics_tool(tmp_path, capsys):
     lines = [{"message": "resumed"}]
     for step in range(10, 60, 10):
         lines.append({"step": step, "loss": 8 - step / 10, "lr": 0.1 * step, "groups_used": step, "beta": 1.0,
-                      "assignment_entropy": 3.0, "largest_group_share": 0.1, "images_per_s": 100.0})
-        if step == 30:
-            lines.append({"step": step, "event": "regroup", "regroup/empty_reseeded": 0})
+                      "assignment_entropy": 3.0, "largest_group_share": 0.1, "images_per_s": 100.0,
+                      "label_agreement": step / 100, "prediction_hit_rate": step / 200})
+        if step in (30, 50):
+            lines.append({"step": step, "event": "regroup", "regroup/empty_reseeded": 0, "regroup/label_churn": 0.5})
     text = "\n".join(json.dumps(line) for line in lines) + '\n{"step": 60, "lo'  # a run still writing
     (tmp_path / "metrics.jsonl").write_text(text)
     main = runpy.run_path(str(TOOLS / "plot_metrics.py"))["main"]
     assert main([str(tmp_path), str(tmp_path / "curves.png")]) == 0
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert "loss, lr, groups_used, assignment_entropy" in capsys.readouterr().out
+    assert ("loss, lr, groups_used, assignment_entropy, largest_group_share, label_agreement, prediction_hit_rate, "
+            "images_per_s, regroup/label_churn)") in capsys.readouterr().out
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "x.png")]) == 2
     assert "nowhere/metrics.jsonl: no such file" in capsys.readouterr().err
 

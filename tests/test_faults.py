@@ -200,12 +200,12 @@ def test_rank_killed_mid_step_ends_the_job_then_resume_works(tmp_path, shards):
     assert proc.returncode != 0 and ended < 60, (ended, out[-3000:])  # ~6 s: gloo sees the reset
     assert not ranks[0].is_running() or ranks[0].status() == psutil.STATUS_ZOMBIE
 
-    last = checkpoint.resolve("auto", run)
+    last = checkpoint.complete_checkpoints(run)[-1]
     step = json.loads((last / "trainer_state.json").read_text())["global_step"]
     assert 2 <= step < 500
     out = launch(run, shards, *overrides, f"run.max_steps={step + 2}", processes=2)
     assert f"resumed from {last} at step {step}" in out.stdout
-    newest = checkpoint.resolve("auto", run)
+    newest = checkpoint.complete_checkpoints(run)[-1]
     assert json.loads((newest / "trainer_state.json").read_text())["global_step"] == step + 2
 
 
@@ -229,7 +229,7 @@ def _assert_previous_checkpoint_survives(root: Path, error: str, digest: dict[st
     previous = checkpoint.checkpoint_dir(root) / "step_00000001"
     assert "writing checkpoint step_00000002 failed" in error and f"newest complete checkpoint: {previous}" in error
     assert sorted(p.name for p in checkpoint.checkpoint_dir(root).iterdir()) == ["step_00000001"]  # no temp left
-    assert _digest(previous) == digest and checkpoint.resolve("auto", root) == previous
+    assert _digest(previous) == digest and checkpoint.complete_checkpoints(root)[-1] == previous
     model2, optimizer2, bank2, cache2 = _parts(1)
     accelerator = Accelerator(cpu=True)
     model2, optimizer2 = accelerator.prepare(model2, optimizer2)

@@ -1,4 +1,4 @@
-"""Tests for smog_scale.kmeans: spherical k-means over the union of all ranks' caches (ALGORITHM.md
+"""Tests for smog_scale.kmeans: spherical k-means over the union of all ranks' caches (docs/method.md
 "Periodic re-grouping", step 1)."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gloo import run_on_ranks
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from smog_scale import dist
 from smog_scale import kmeans as kmeans_module
@@ -17,6 +19,9 @@ from smog_scale.kmeans import fit, kmeans
 
 DIM, K = 32, 30
 RANK_ROWS = (1700, 1300)  # two ranks with different cache sizes; 3000 rows in the union
+# Unbalanced modes (``dirichlet_modes``): 4,000 rows from 300 modes into 150 clusters, seeded from a
+# sample of 4 rows per cluster (the paper's K = 3,000 on 65,536 rows, scaled down).
+MODES_ROWS, MODES_K = 4000, 150
 
 
 def blobs(rows: int, dim: int = DIM, num_blobs: int = K, seed: int = 0) -> torch.Tensor:
@@ -30,6 +35,19 @@ def blobs(rows: int, dim: int = DIM, num_blobs: int = K, seed: int = 0) -> torch
     blob = torch.randint(num_blobs, (rows,), generator=generator)
     noise = 0.6 * torch.randn(rows, dim, generator=generator) / math.sqrt(dim)
     return F.normalize(directions[blob] + noise, dim=1)
+
+
+def dirichlet_modes(rows: int = MODES_ROWS, num_modes: int = 2 * MODES_K, seed: int = 0) -> torch.Tensor:
+    """rows x DIM unit vectors around ``num_modes`` random directions with Dirichlet(1) weights.
+
+    As benchmarks/bench_kmeans.py's ``dirichlet`` data: a few big modes and many small ones, more modes
+    than clusters, so seeding must judge the modes' sizes.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    directions = F.normalize(torch.randn(num_modes, DIM, generator=generator), dim=1)
+    weights = -torch.rand(num_modes, generator=generator).log()  # Dirichlet(1) = normalized exponentials
+    mode = torch.multinomial(weights / weights.sum(), rows, replacement=True, generator=generator)
+    return F.normalize(directions[mode] + 0.3 * torch.randn(rows, DIM, generator=generator) / math.sqrt(DIM), dim=1)
 
 
 def duplicates(distinct: int, copies: int, seed: int = 0) -> torch.Tensor:
@@ -94,6 +112,51 @@ def test_nearest_centroid_search_matches_a_plain_matmul(k: int) -> None:
     torch.testing.assert_close(sims, reference_sims, rtol=1e-5, atol=1e-6)
 
 
+def test_seeding_on_a_small_sample_matches_seeding_on_every_row() -> None:
+    # An unweighted sample of 4 rows per cluster ended 5.8-7.6% above seeding on every row; weighting
+    # each sampled row by the rows nearest to it, 0.5-3.2%.
+    ratios = []
+    for seed in range(3):
+        x = dirichlet_modes(seed=seed)
+        sampled = fit(x, MODES_K, init_sample=4 * MODES_K).mean_distance
+        ratios.append(sampled / fit(x, MODES_K, init_sample=len(x)).mean_distance)
+    assert sum(ratios) / len(ratios) <= 1.04, ratios
+
+
+def test_seeding_sample_grows_with_k_and_its_weights_count_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    seed_greedily = kmeans_module._greedy_kmeanspp
+
+    def spy(sample: torch.Tensor, weights: torch.Tensor, *args: object) -> torch.Tensor:
+        seen.append((len(sample), weights.sum().item()))
+        return seed_greedily(sample, weights, *args)
+
+    monkeypatch.setattr(kmeans_module, "_greedy_kmeanspp", spy)
+    x = blobs(3000)
+    for k in (K, 10 * K):
+        fit(x, k, init_sample=100, iters=0)
+    assert seen == [(120, 3000.0), (1200, 3000.0)]
+
+
+def test_sample_weights_count_the_rows_nearest_to_each_sample_row() -> None:
+    x = dirichlet_modes()
+    sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:1024]]  # 8 lists
+    weights = kmeans_module._sample_weights(sample, x, seed=0)
+    exact = torch.bincount((x @ sample.T).argmax(dim=1), minlength=len(sample)).float()
+    assert weights.dtype == torch.float32 and weights.sum() == len(x)
+    assert weights.min() >= 1  # every sample row is a row of x, nearest to itself
+    assert (weights - exact).abs().sum() <= 0.05 * len(x)  # the inverted lists miss few nearest rows
+
+
+def test_seeding_device_math_stays_on_the_rows_device_on_fake_cuda() -> None:
+    with FakeTensorMode(shape_env=ShapeEnv()):
+        x = F.normalize(torch.randn(600, DIM, device="cuda"), dim=1)
+        weights = kmeans_module._sample_weights(x[:200], x, seed=0)
+        seeds = kmeans_module._greedy_kmeanspp(x[:200], weights, 4, 8, None)  # fake ops: ~0.4 s a step
+    assert (weights.device.type, weights.dtype, tuple(weights.shape)) == ("cuda", torch.float32, (200,))
+    assert (seeds.device.type, tuple(seeds.shape)) == ("cuda", (4, DIM))
+
+
 def test_seeding_without_room_for_the_gram_matrix_picks_the_same_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
     x = blobs(3000)
     with_gram = fit(x, K, iters=0)
@@ -156,6 +219,22 @@ def _cluster_on_two_ranks(rank: int, world: int) -> dict:
         lopsided = fit(mine if rank == 1 else mine[:0], K, mode=mode)
         out[f"{mode}_lopsided"] = {"centroids": lopsided.centroids, "sizes": lopsided.sizes}
     out["gathered"] = dist.gather_cat(mine)  # what gather mode clusters: the union on rank 0 alone
+    # Unbalanced modes, each rank holding its slice: weights must count both ranks' rows.
+    seen = []
+    seed_greedily = kmeans_module._greedy_kmeanspp
+
+    def spy(sample: torch.Tensor, weights: torch.Tensor, *args: object) -> torch.Tensor:
+        seen.append(weights.sum().item())
+        return seed_greedily(sample, weights, *args)
+
+    kmeans_module._greedy_kmeanspp = spy
+    modes = dirichlet_modes()
+    share = len(modes) * 11 // 20  # 2,200 and 1,800 rows
+    mine_modes = modes[:share] if rank == 0 else modes[share:]
+    for mode in ("gather", "sharded"):
+        result = fit(mine_modes, MODES_K, mode=mode, init_sample=4 * MODES_K)
+        out[f"{mode}_modes"] = {"centroids": result.centroids, "distance": result.mean_distance}
+    out["weight_sums"] = seen
     dup = fit(duplicates(distinct=40, copies=25, seed=rank), 80, mode="sharded", init="random")
     out["duplicates"] = {"sizes": dup.sizes, "reseeded": dup.num_reseeded}
     try:
@@ -191,6 +270,19 @@ def test_two_ranks_match_one_process_on_the_union(two_ranks: list[dict], mode: s
     assert distance == pytest.approx(1 - sims.double().mean().item(), abs=1e-6)
     assert distance == pytest.approx(fit(union, K).mean_distance, rel=0.02)
     assert distance <= 1.02 * faiss_mean_distance(union, K)
+
+
+@pytest.mark.slow
+def test_two_ranks_seed_unbalanced_modes_from_weights_of_the_whole_union(two_ranks: list[dict]) -> None:
+    # Only rank 0 seeds (gather, then sharded); its weights count the rows of both ranks.
+    assert two_ranks[0]["weight_sums"] == [MODES_ROWS, MODES_ROWS] and two_ranks[1]["weight_sums"] == []
+    every_row = fit(dirichlet_modes(), MODES_K, init_sample=MODES_ROWS).mean_distance
+    for mode in ("gather", "sharded"):
+        first, second = two_ranks[0][f"{mode}_modes"], two_ranks[1][f"{mode}_modes"]
+        assert torch.equal(first["centroids"], second["centroids"])
+        assert first["distance"] <= 1.04 * every_row, (mode, first["distance"], every_row)
+    gather, sharded = (two_ranks[0][f"{mode}_modes"]["distance"] for mode in ("gather", "sharded"))
+    assert sharded == pytest.approx(gather, rel=0.02)  # equal quality, not equal seeds (samples differ)
 
 
 @pytest.mark.slow

@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smog_scale.loss import group_contrast_loss
+from smog_scale.loss import byol_loss, group_contrast_loss
 
 
 def reference_loss(preds, labels, groups, tau):
-    """Explicit list of (view, target) pairs, one cross-entropy each (ALGORITHM.md step 4)."""
+    """Explicit list of (view, target) pairs, one cross-entropy each (docs/method.md step 4)."""
     groups = F.normalize(groups, dim=1)
     num_global = labels.shape[0]
     terms = []
@@ -49,3 +49,36 @@ def test_bf16_inputs_within_1e_2():
 def test_needs_two_global_views():
     with pytest.raises(ValueError, match="at least 2 global views"):
         group_contrast_loss(torch.randn(1, 4, 8), torch.zeros(1, 4, dtype=torch.long), torch.randn(3, 8))
+
+
+def reference_byol(preds, targets):
+    """BYOL's loss pair by pair: sum over ordered pairs (v, t), v != t, of mean_b ||p_v/|p_v| - e_t/|e_t|||^2,
+    scaled to the two-view sum L(a, b) + L(b, a) (docs/method.md "The BYOL control")."""
+    terms = []
+    for v in range(preds.shape[0]):
+        for t in range(targets.shape[0]):
+            if v != t:
+                diff = F.normalize(preds[v], dim=1) - F.normalize(targets[t], dim=1)
+                terms.append((diff**2).sum(dim=1).mean())
+    return 2 * torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("num_local", [0, 1, 6])
+def test_byol_matches_pair_reference_and_stops_gradient(num_local):
+    preds = torch.randn(2 + num_local, 8, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randn(2, 8, 16, dtype=torch.float64, requires_grad=True)
+    loss = byol_loss(preds, targets)
+    torch.testing.assert_close(loss, reference_byol(preds, targets), rtol=1e-12, atol=0)
+    grad, = torch.autograd.grad(loss, preds)
+    torch.testing.assert_close(grad, torch.autograd.grad(reference_byol(preds, targets), preds)[0], rtol=1e-10, atol=1e-14)
+    assert not torch.autograd.grad(loss, targets, allow_unused=True, materialize_grads=True)[0].any()  # stop-gradient
+    if num_local == 0:  # BYOL's symmetrized loss: 2 - 2 cos(p_a, e_b) + 2 - 2 cos(p_b, e_a), batch means
+        cos = F.cosine_similarity
+        byol = (2 - 2 * cos(preds[0], targets[1])).mean() + (2 - 2 * cos(preds[1], targets[0])).mean()
+        torch.testing.assert_close(loss, byol, rtol=1e-12, atol=0)
+    low = byol_loss(preds.float(), targets.float())
+    torch.testing.assert_close(low.double(), loss, rtol=1e-5, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = byol_loss(preds.detach().bfloat16(), targets.bfloat16())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), loss.detach(), rtol=1e-2, atol=0)

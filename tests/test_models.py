@@ -48,3 +48,47 @@ def test_wide_resnets_are_registered_timm_models(name, millions, features):
 def test_unknown_backbone_is_named():
     with pytest.raises(ValueError, match="resnet51"):
         build_backbone("resnet51")
+
+
+def test_momentum_encoder_is_deterministic_in_train_mode():
+    """Stochastic depth and dropout (Swin's drop_path_rate) perturb the online encoder, never the momentum
+    encoder that makes the labels; its BatchNorm layers still use batch statistics."""
+    torch.manual_seed(0)
+    swin = dict(img_size=32, patch_size=4, window_size=4, embed_dim=24, depths=(1, 1), num_heads=(1, 1),
+                drop_path_rate=0.5, drop_rate=0.3)
+    model = SMoGModel("swin_tiny_patch4_window7_224", proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32,
+                      backbone_kwargs=swin).train()
+    crops = [torch.randn(2, 4, 3, 32, 32)]
+    first, second = model(crops), model(crops)
+    assert not torch.equal(first.z, second.z)  # the online encoder is stochastic here
+    assert torch.equal(first.e, second.e)
+    norms = [m for m in model.momentum.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms and all(m.training for m in norms)
+    assert not any(m.training for m in model.momentum.modules() if not isinstance(m, torch.nn.BatchNorm1d))
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
+def test_bf16_weights_leave_the_momentum_encoder_float32():
+    """As DeepSpeed leaves the model (every parameter bf16, no autocast): ``settle_dtypes`` keeps the
+    momentum encoder float32, the forward takes float32 crops, and the EMA by 1 - m = 0.001 moves the
+    momentum weights as in float32, where a bf16 EMA would mostly round to no change."""
+    torch.manual_seed(0)
+    model = SMoGModel("test_resnet", proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)  # DeepSpeed's cast: parameters only
+    model.settle_dtypes()
+    assert {t.dtype for t in model.momentum.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    assert {t.dtype for t in model.online.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    out = model([torch.randn(2, 4, 3, 32, 32), torch.randn(1, 4, 3, 16, 16)])
+    assert out.z.dtype == out.e.dtype == torch.bfloat16
+    with torch.no_grad():
+        for p in model.online.parameters():
+            p.add_(0.05)
+    before = [p.clone() for p in model.momentum.parameters()]
+    model.update_momentum(0.999)
+    for new, old, online in zip(model.momentum.parameters(), before, model.online.parameters()):
+        torch.testing.assert_close(new, torch.lerp(old, online.float(), 0.001), rtol=0, atol=1e-6)
+    old, online = (torch.cat([p.flatten() for p in ps]) for ps in (before, model.online.parameters()))
+    stalled = torch.lerp(old.bfloat16(), online, 0.001) == old.bfloat16()
+    assert stalled.float().mean() > 0.5  # why: in bf16 most weights would not move at all (78% here)

@@ -3,7 +3,12 @@ import torch
 from torch import nn
 
 from smog_scale.config import OptimConfig
+from smog_scale.models.smog import SMoGModel
 from smog_scale.optim import build_optimizer, param_groups
+
+# A two-stage Swin at 32 px: the same timm class (and no_weight_decay()) as the Swin-T recipes.
+TINY_SWIN = {"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "img_size": 32, "window_size": 4,
+             "patch_size": 4}
 
 
 def _model():
@@ -19,6 +24,39 @@ def test_bias_and_norm_parameters_get_no_decay():
     assert [p.shape for p in decay["params"]] == [(16, 8), (4, 16)]
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
     assert all(p is not q for p in frozen.parameters() for q in decay["params"] + no_decay["params"])
+
+
+def test_swin_relative_position_bias_tables_get_no_decay():
+    """Swin's 2-D relative_position_bias_table is in timm's no_weight_decay() (as in MoBY): no decay,
+    found through the nested names of the SMoG model; every other matrix decays; the frozen momentum
+    encoder is in no group."""
+    model = SMoGModel("swin_tiny_patch4_window7_224", 32, 8, 32, TINY_SWIN)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = sorted(names[id(p)] for p in no_decay["params"] if p.ndim > 1)
+    assert exempt == ["online.backbone.layers.0.blocks.0.attn.relative_position_bias_table",
+                      "online.backbone.layers.1.blocks.0.attn.relative_position_bias_table"]
+    assert all(p.ndim > 1 and "relative_position" not in names[id(p)] for p in decay["params"])
+    grouped = {names[id(p)] for g in (decay, no_decay) for p in g["params"]}
+    assert grouped == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("momentum.") for n in grouped)
+
+
+def test_no_weight_decay_keywords_of_moby_style_models():
+    """MoBY's Swin names keywords instead: every parameter whose name contains one skips decay."""
+    class MobyStyle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.zeros(3, 2))
+            self.proj = nn.Linear(2, 2)
+
+        def no_weight_decay_keywords(self):
+            return {"table"}
+
+    model = nn.Sequential(nn.Linear(2, 2), MobyStyle())
+    decay, no_decay = param_groups(model, 0.05)
+    assert [p.shape for p in decay["params"]] == [(2, 2), (2, 2)]
+    assert any(p is model[1].table for p in no_decay["params"])
 
 
 def test_lars_trust_ratio_only_on_decayed_weights():
@@ -38,6 +76,19 @@ def test_lars_trust_ratio_only_on_decayed_weights():
         else:
             expected = w - 0.5 * g
         torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_lars_skips_decay_and_trust_ratio_on_swin_bias_tables():
+    """A LARS step on the tiny Swin: the bias tables move by exactly -lr * grad (no decay, no trust ratio)."""
+    torch.manual_seed(0)
+    model = SMoGModel("swin_tiny_patch4_window7_224", 32, 8, 32, TINY_SWIN)
+    model.online(torch.randn(4, 3, 32, 32)).pow(2).mean().backward()
+    tables = [(p, p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()
+              if "relative_position_bias_table" in n and p.grad is not None]
+    assert len(tables) == 2
+    build_optimizer(model, OptimConfig(name="lars", weight_decay=0.5, momentum=0.0), lr=0.5).step()
+    for p, w, g in tables:
+        torch.testing.assert_close(p.detach(), w - 0.5 * g, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])

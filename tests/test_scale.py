@@ -162,7 +162,7 @@ def test_two_nodes_on_loopback_stream_http_shards(tmp_path, shards):
     assert [p.name for p in saved] == [f"step_{steps:08d}"]  # written once: no second writer, no temp left
     ckpt = saved[0]
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
-        ["model.safetensors", "optimizer.bin", "smog.safetensors", "trainer_state.json", "random_states_0.pkl",
+        ["config.yaml", "model.safetensors", "optimizer.bin", "smog.safetensors", "trainer_state.json", "random_states_0.pkl",
          "random_states_1.pkl", "cache_rank0.safetensors", "cache_rank1.safetensors"])
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["global_step"], state["world_size"], state["samples_seen"]) == (steps, 2, steps * 16)
@@ -226,26 +226,35 @@ def _check_schedules_continue(run: Path, before: dict, first_step: int, last_ste
     assert (state["global_step"], state["world_size"], state["samples_seen"]) == (last_step, world, last_step * 16)
 
 
+def test_cache_size_is_the_union_over_ranks(tmp_path, shards):
+    """grouping.cache_size is what k-means clusters on any world size: each rank keeps its share."""
+    cfg = tiny_config(tmp_path / "run", str(shards), "grouping.cache_size=100", "optim.global_batch_size=48")
+    for world, share in ((1, 100), (2, 50), (3, 33)):
+        derived = config.derive(cfg, world, num_samples=480)
+        state = train.build(cfg, Accelerator(cpu=True), derived)
+        assert derived.cache_size_per_device == state.cache.capacity == share
+
+
 @pytest.mark.slow
 def test_elastic_resume_two_ranks_to_one(tmp_path, shards):
     run = tmp_path / "run"
-    launch(run, shards, "run.max_steps=4", processes=2)  # 4 steps x 2 views x 8 fill both 64-row caches
+    launch(run, shards, "run.max_steps=4", processes=2)  # 4 steps x 2 views x 8 fill both ranks' 32-row shares
     ckpt = run / "checkpoints" / "step_00000004"
     before = yaml.safe_load((run / "config.yaml").read_text())["derived"]
     saved = _saved_caches(ckpt, 2)
-    assert [f.shape[0] for f, _ in saved] == [64, 64]
+    assert [f.shape[0] for f, _ in saved] == [32, 32] and before["cache_size_per_device"] == 32
 
-    # One rank whose cache holds the union (cache_size x world kept): every saved row, once.
-    state, counters = _load_in_process(tmp_path, shards, ckpt, "grouping.cache_size=128")
+    # One rank, the same grouping.cache_size (the union over all ranks): it holds every saved row, once.
+    state, counters = _load_in_process(tmp_path, shards, ckpt)
     assert (counters["global_step"], counters["samples_seen"], counters["world_size"]) == (4, 64, 2)
     assert torch.equal(state.bank.groups, load_file(str(ckpt / "smog.safetensors"))["groups"])
     assert _rows(*state.cache.contents()) == _rows(torch.cat([f for f, _ in saved]), torch.cat([i for _, i in saved]))
-    # Same cache_size: half the union cannot fit; the newest half of every saved rank stays.
-    state, _ = _load_in_process(tmp_path, shards, ckpt)
-    assert _rows(*state.cache.contents()) == _rows(torch.cat([f[32:] for f, _ in saved]),
-                                                   torch.cat([i[32:] for _, i in saved]))
+    # A smaller union: the newest half of every saved rank stays.
+    state, _ = _load_in_process(tmp_path, shards, ckpt, "grouping.cache_size=32")
+    assert _rows(*state.cache.contents()) == _rows(torch.cat([f[16:] for f, _ in saved]),
+                                                   torch.cat([i[16:] for _, i in saved]))
 
-    out = launch(run, shards, "run.max_steps=6", "grouping.cache_size=128", processes=1)
+    out = launch(run, shards, "run.max_steps=6", processes=1)
     assert f"resumed from {ckpt} at step 4" in out.stdout
     _check_schedules_continue(run, before, 5, 6, world=1)
 
@@ -268,16 +277,17 @@ def test_elastic_resume_one_rank_to_two(tmp_path, shards, monkeypatch):
         monkeypatch.undo()
         dealt.append(state.cache.contents())
         assert torch.equal(state.bank.groups, load_file(str(ckpt / "smog.safetensors"))["groups"])
-    assert [f.shape[0] for f, _ in dealt] == [32, 32]
+    assert [f.shape[0] for f, _ in dealt] == [32, 32]  # each rank's share of the 64-row union: full
     assert _rows(torch.cat([f for f, _ in dealt]), torch.cat([i for _, i in dealt])) == _rows(feats, ids)
 
-    out = launch(run, shards, "run.max_steps=4", processes=2)
+    out = launch(run, shards, "run.max_steps=3", processes=2)
     assert f"resumed from {ckpt} at step 2" in out.stdout
-    _check_schedules_continue(run, before, 3, 4, world=2)
-    final = run / "checkpoints" / "step_00000004"
-    for r in range(2):  # each rank kept its dealt half (oldest) and pushed 2 steps x 2 views x 8 after it
+    _check_schedules_continue(run, before, 3, 3, world=2)
+    final = run / "checkpoints" / "step_00000003"
+    for r in range(2):  # each rank pushed 1 step x 2 views x 8 after its dealt rows: their newest 16 stay
         feats_r, ids_r = _saved_caches(final, 2)[r]
-        assert feats_r.shape[0] == 64 and torch.equal(feats_r[:32], dealt[r][0]) and torch.equal(ids_r[:32], dealt[r][1])
+        assert feats_r.shape[0] == 32 and torch.equal(feats_r[:16], dealt[r][0][16:])
+        assert torch.equal(ids_r[:16], dealt[r][1][16:])
 
 
 def test_scaling_table_formulas_and_crossover(capsys, monkeypatch):
@@ -288,16 +298,17 @@ def test_scaling_table_formulas_and_crossover(capsys, monkeypatch):
     tool = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "scaling_table", tool)  # dataclasses look their module up there
     spec.loader.exec_module(tool)
-    s = tool.Setup(num_groups=3000, dim=128, cache_rows=16384, kmeans_iters=20, init_sample=16384,
+    s = tool.Setup(num_groups=3000, dim=128, cache_union=262144, kmeans_iters=20, init_sample=16384,
                    global_batch=4096, regroup_every=300)
-    assert tool.cache_bytes(s) == 16384 * (128 * 4 + 8)
-    assert tool.gather_kmeans(s, 64).peak_bytes == 2 * 64 * 16384 * 128 * 4  # the union, twice, on rank 0
-    assert tool.gather_kmeans(s, 8).received_bytes == 7 * 16384 * 128 * 4  # rank 0's gather
+    assert tool.cache_bytes(s, 16) == 16384 * (128 * 4 + 8)  # each of 16 ranks keeps 1/16 of the union
+    assert tool.gather_kmeans(s, 64).peak_bytes == tool.gather_kmeans(s, 8).peak_bytes == 2 * 262144 * 128 * 4
+    assert tool.gather_kmeans(s, 8).received_bytes == 7 * 32768 * 128 * 4  # rank 0's gather
     per_pass = 3000 * 128 * 4 + 3000 * 8 + 8
     assert tool.sharded_kmeans(s, 2).received_bytes == pytest.approx(
         16384 * 128 * 4 / 2 + 2 * 3000 * 128 * 4 + 21 * per_pass)
+    assert tool.sharded_kmeans(s, 8).busiest_macs == 21 * 32768 * 3000 * 128
     assert tool.group_update(s, 8).payload_bytes == 3000 * 8 + 2 * 3000 * 128 * 4
-    assert tool.traffic_crossover(s) == 10 and tool.memory_crossover(s, 4 * 2**30) == 257
+    assert tool.traffic_crossover(s) == 2 and tool.gather_fits(s, 4 * 2**30) and not tool.gather_fits(s, 2**27)
     assert tool.main(["--no-reference"]) == 0
     out = capsys.readouterr().out
-    assert "| 512 | `gather` | 8,388,608 | 8 GiB (over budget) |" in out and "**W = 257**" in out
+    assert "| 512 | `gather` | 262,144 | 256 MiB |" in out and "is 256 MiB, within the 4 GiB budget at any W" in out

@@ -31,3 +31,9 @@ def test_learning_rate_warmup_then_cosine():
 
 def test_cosine_midpoint():
     assert schedules.cosine(25, 100, 1.0, 0.0) == pytest.approx(0.5 + 0.5 * math.cos(math.pi / 4))
+
+
+def test_beta_fixed_schedule_stays_at_its_end_value():
+    assert [schedules.group_beta(s, 200, 1.0, 0.99, "fixed") for s in (0, 100, 200)] == [0.99] * 3
+    with pytest.raises(ValueError, match="'linear' or 'fixed'"):
+        schedules.group_beta(0, 200, schedule="cosine")

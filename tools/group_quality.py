@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="gets group_quality.json and group_quality.png")
     parser.add_argument("--features", choices=("momentum", "online"), default="momentum",
                         help="encoder whose projector features are assigned (default: momentum, as the "
-                             "training labels are; ALGORITHM.md step 1)")
+                             "training labels are; docs/method.md step 1)")
     parser.add_argument("--image-size", type=int, metavar="PX", help="center-crop side (default: the training crop)")
     parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per process (default: 256)")
     parser.add_argument("--workers", type=int, default=8, metavar="N", help="loader workers per process (default: 8)")

@@ -1,8 +1,9 @@
 """Training curves of a run to PNG: ``python tools/plot_metrics.py RUN OUT.png``.
 
 Reads RUN/metrics.jsonl (or a metrics.jsonl given directly) and draws loss, lr, groups used,
-assignment entropy, largest group's share, images/s (and kNN top-1 when the run logs it) against
-the step, one panel each; re-groupings are dotted vertical lines, messages are skipped.
+assignment entropy, largest group's share, label agreement, prediction hit rate, images/s (and kNN top-1
+when the run logs it) against the step, one panel each, and the label churn of each re-grouping;
+re-groupings are dotted vertical lines, messages are skipped (README "Logs": what healthy curves look like).
 Exit code 2 when the file is missing or holds no step record.
 """
 

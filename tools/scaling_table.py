@@ -2,12 +2,13 @@
 
 Prints Markdown tables of what the feature cache, the periodic k-means (``gather`` vs ``sharded``,
 as ``smog_scale.kmeans`` implements them) and the per-step group update cost per rank, as functions
-of the world size W, the cache rows per rank C, K groups and D dimensions, then the world sizes
-past which ``sharded`` moves less data and past which it must be used (the gathered union no longer
-fits the memory budget). Defaults come from the recipe (K, D, C, k-means iterations, global batch,
-re-grouping period); nothing is run or measured. Memory and bytes received are the busiest rank's,
-counting the standard algorithms: an all-reduce of n bytes receives 2 (W-1)/W n, an all-gather of n
-bytes per rank receives (W-1) n, a gather to one rank receives (W-1) n there, a broadcast of n bytes
+of the world size W, the cache union U (``grouping.cache_size``: each rank keeps C = U // W rows), K
+groups and D dimensions, then the world size past which ``sharded`` moves less data and whether
+``gather``'s union fits the memory budget (the same at any W: the union does not grow with it).
+Defaults come from the recipe (K, D, C, k-means iterations, global batch, re-grouping period); nothing
+is run or measured. Memory and bytes received are the busiest rank's, counting the standard
+algorithms: an all-reduce of n bytes receives 2 (W-1)/W n, an all-gather of n bytes per rank
+receives (W-1) n, a gather to one rank receives (W-1) n there, a broadcast of n bytes
 receives n on every other rank.
 
 Formulas (v = bytes per value, 4 for float32; S = the k-means seeding sample, ``kmeans.fit``'s
@@ -17,7 +18,7 @@ Formulas (v = bytes per value, 4 for float32; S = the k-means seeding sample, ``
 - ``gather``: rank 0 gathers the union (``dist.gather_cat``: W padded parts, then their
   concatenation), clusters it alone and broadcasts the centroids. Peak on rank 0
   max(2 W C D v, W C (D v + 12) + S D v) (the others hold their cache); received on rank 0
-  (W-1) C D v (the others K (D v + 8)); rank 0 searches T W C K D multiply-adds.
+  (W-1) C D v (the others K (D v + 8)); rank 0 searches T W C K D multiply-adds. W C = U whatever W.
 - ``sharded``: each rank keeps its C rows; the S-row seeding sample is all-gathered; every pass
   all-reduces K x D sums, K int64 counts and one float64. Peak per rank C (D v + 12) + S D v;
   received (W-1)/W S D v + 2 K D v + T 2 (W-1)/W (K D v + 8 K + 8); every rank searches T C K D.
@@ -50,7 +51,7 @@ class Setup:
 
     num_groups: int  # K
     dim: int  # D
-    cache_rows: int  # C, per rank
+    cache_union: int  # U, grouping.cache_size: the rows of all ranks' caches together
     kmeans_iters: int
     init_sample: int  # S, rows of the union that seeding looks at
     global_batch: int
@@ -74,8 +75,13 @@ def ring_allreduce(nbytes: float, world: int) -> float:
     return 2 * (world - 1) / world * nbytes
 
 
-def cache_bytes(s: Setup) -> float:
-    return s.cache_rows * (s.dim * s.value_bytes + 8)
+def cache_rows(s: Setup, world: int) -> int:
+    """C: the rows each rank's cache keeps (``derived.cache_size_per_device``)."""
+    return s.cache_union // world
+
+
+def cache_bytes(s: Setup, world: int) -> float:
+    return cache_rows(s, world) * (s.dim * s.value_bytes + 8)
 
 
 def passes(s: Setup) -> int:
@@ -83,10 +89,10 @@ def passes(s: Setup) -> int:
 
 
 def gather_kmeans(s: Setup, world: int) -> KMeansCost:
-    rows, row_bytes = world * s.cache_rows, s.dim * s.value_bytes
+    rows, row_bytes = world * cache_rows(s, world), s.dim * s.value_bytes
     sample = max(s.init_sample, s.num_groups) * row_bytes
     peak = max(2 * rows * row_bytes, rows * (row_bytes + 12) + sample)
-    received = max((world - 1) * s.cache_rows * row_bytes, s.num_groups * (row_bytes + 8) if world > 1 else 0)
+    received = max((world - 1) * cache_rows(s, world) * row_bytes, s.num_groups * (row_bytes + 8) if world > 1 else 0)
     return KMeansCost(peak, received, passes(s) * rows * s.num_groups * s.dim)
 
 
@@ -96,8 +102,8 @@ def sharded_kmeans(s: Setup, world: int) -> KMeansCost:
     per_pass = s.num_groups * row_bytes + 8 * s.num_groups + 8
     received = ((world - 1) / world * sample + 2 * s.num_groups * row_bytes
                 + passes(s) * ring_allreduce(per_pass, world))
-    return KMeansCost(s.cache_rows * (row_bytes + 12) + sample, received,
-                      passes(s) * s.cache_rows * s.num_groups * s.dim)
+    rows = cache_rows(s, world)
+    return KMeansCost(rows * (row_bytes + 12) + sample, received, passes(s) * rows * s.num_groups * s.dim)
 
 
 def group_update(s: Setup, world: int) -> StepCost:
@@ -112,9 +118,9 @@ def traffic_crossover(s: Setup, limit: int = 1 << 20) -> int | None:
                  if gather_kmeans(s, w).received_bytes > sharded_kmeans(s, w).received_bytes), None)
 
 
-def memory_crossover(s: Setup, budget: float, limit: int = 1 << 20) -> int | None:
-    """Smallest W at which ``gather``'s peak on rank 0 exceeds ``budget`` bytes."""
-    return next((w for w in range(1, limit) if gather_kmeans(s, w).peak_bytes > budget), None)
+def gather_fits(s: Setup, budget: float) -> bool:
+    """Whether ``gather``'s peak on rank 0 stays within ``budget`` bytes: it holds the union, the same at any W."""
+    return gather_kmeans(s, 1).peak_bytes <= budget
 
 
 def human_bytes(n: float) -> str:
@@ -150,16 +156,16 @@ def setup_from(cfg: config.Config) -> Setup:
     from smog_scale import kmeans
 
     g = cfg.grouping
-    return Setup(num_groups=g.num_groups, dim=cfg.model.proj_dim, cache_rows=g.cache_size, kmeans_iters=g.kmeans_iters,
+    return Setup(num_groups=g.num_groups, dim=cfg.model.proj_dim, cache_union=g.cache_size, kmeans_iters=g.kmeans_iters,
                  init_sample=inspect.signature(kmeans.fit).parameters["init_sample"].default,
                  global_batch=cfg.optim.global_batch_size, regroup_every=g.regroup_every)
 
 
 def tables(s: Setup, worlds: Sequence[int], budget: float, params: int | None) -> str:
     lines = [
-        f"K = {s.num_groups}, D = {s.dim}, cache C = {s.cache_rows} rows per rank, {s.kmeans_iters} k-means "
-        f"iterations ({passes(s)} passes), seeding sample S = {s.init_sample} rows, global batch "
-        f"{s.global_batch}, re-grouping every {s.regroup_every} steps, {s.value_bytes}-byte values.",
+        f"K = {s.num_groups}, D = {s.dim}, cache union U = {s.cache_union} rows (C = U / W per rank), "
+        f"{s.kmeans_iters} k-means iterations ({passes(s)} passes), seeding sample S = {s.init_sample} rows, "
+        f"global batch {s.global_batch}, re-grouping every {s.regroup_every} steps, {s.value_bytes}-byte values.",
         "",
         "**k-means, per re-grouping**, on the busiest rank (rank 0 in `gather`; received = bytes it "
         "receives; per step = amortized over the re-grouping period)",
@@ -170,7 +176,8 @@ def tables(s: Setup, worlds: Sequence[int], budget: float, params: int | None) -
     for world in worlds:
         for mode, cost in (("gather", gather_kmeans(s, world)), ("sharded", sharded_kmeans(s, world))):
             over = " (over budget)" if cost.peak_bytes > budget else ""
-            lines.append(f"| {world} | `{mode}` | {world * s.cache_rows:,} | {human_bytes(cost.peak_bytes)}{over} | "
+            lines.append(f"| {world} | `{mode}` | {world * cache_rows(s, world):,} | "
+                         f"{human_bytes(cost.peak_bytes)}{over} | "
                          f"{human_bytes(cost.received_bytes)} | {human_bytes(cost.received_bytes / s.regroup_every)} | "
                          f"{human_count(cost.busiest_macs)} |")
     ref = "DDP gradients received / rank / step (reference)"
@@ -185,16 +192,18 @@ def tables(s: Setup, worlds: Sequence[int], budget: float, params: int | None) -
     for world in worlds:
         step = group_update(s, world)
         ddp = human_bytes(ring_allreduce(params * s.value_bytes, world)) if params else "n/a"
-        lines.append(f"| {world} | {s.global_batch // world} | {human_bytes(cache_bytes(s))} | "
+        lines.append(f"| {world} | {s.global_batch // world} | {human_bytes(cache_bytes(s, world))} | "
                      f"{human_bytes(step.payload_bytes)} | {human_bytes(step.received_bytes)} | "
                      f"{human_count(step.label_macs)} | {ddp} |")
-    traffic, memory = traffic_crossover(s), memory_crossover(s, budget)
+    peak = human_bytes(gather_kmeans(s, 1).peak_bytes)
+    fits = (f"within the {human_bytes(budget)} budget at any W" if gather_fits(s, budget) else
+            f"over the {human_bytes(budget)} budget at every W: use `sharded`")
     lines += [
         "",
-        f"**Crossover.** `sharded`'s busiest rank receives less than `gather`'s from **W = {traffic}** GPUs on "
-        f"(gather grows as (W-1) C D v, sharded stays near {human_bytes(sharded_kmeans(s, 1 << 20).received_bytes)}); "
-        f"`gather`'s peak (2 W C D v, the union on rank 0) exceeds the {human_bytes(budget)} budget from "
-        f"**W = {memory}** GPUs on: there `sharded` must be used.",
+        f"**Crossover.** `sharded`'s busiest rank receives less than `gather`'s from **W = {traffic_crossover(s)}** "
+        f"GPUs on (gather's approaches U D v as (W-1)/W U D v, sharded's stays near "
+        f"{human_bytes(sharded_kmeans(s, 1 << 20).received_bytes)}); `gather`'s peak (2 U D v, the union on rank 0) "
+        f"is {peak}, {fits}.",
     ]
     if params:
         lines.append(f"(Reference: the model's {params / 1e6:.1f} M trainable parameters make DDP all-reduce "

@@ -1,6 +1,6 @@
 """Multi-crop augmentation declared as crop records, per-resolution collation and normalization.
 
-The views feed ALGORITHM.md "One training step": the global views a, b and the optional local
+The views feed docs/method.md "One training step": the global views a, b and the optional local
 views. The recipe is BYOL's asymmetric one (Grill et al. 2020, table 6) with SwAV/DINO local
 crops; every knob is a :class:`CropSpec` field. Each sample is decoded once and stays uint8 until
 :func:`normalize`, which the trainer calls on the device.

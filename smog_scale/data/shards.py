@@ -1,4 +1,4 @@
-"""WebDataset pipelines over the converter's tar shards (STYLE take 11; shaped as open_clip's data.py).
+"""WebDataset pipelines over the converter's tar shards (shaped as open_clip's data.py).
 
 Training: shard URLs (resampled with replacement, or shuffled and split by rank then worker) ->
 open with bounded retries -> tar samples -> seeded sample shuffle buffer -> decode + multi-crop ->

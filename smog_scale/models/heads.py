@@ -1,4 +1,4 @@
-"""Projector and predictor MLPs with the BN placement of ALGORITHM.md "Networks"."""
+"""Projector and predictor MLPs with the BN placement of docs/method.md "Networks"."""
 
 from __future__ import annotations
 
