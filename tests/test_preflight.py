@@ -78,8 +78,8 @@ def test_monitor_shards_are_checked_when_the_monitor_is_on(tmp_path):
     shard.write_bytes(b"")
     base = Config(run=config.RunConfig(output_dir=str(tmp_path / "run"), trackers=[]))
     on = {"knn_every_epochs": 1, "knn_train_shards": str(tmp_path / "gone-{0..1}.tar"), "knn_val_shards": str(shard)}
-    with pytest.raises(ConfigError, match=r"monitor.knn_train_shards: 2 of 2 shards of .*gone-\{0..1\}.tar' do not "
-                                          r"exist.*monitor.knn_every_epochs=0"):
+    with pytest.raises(ConfigError, match=r"monitor.knn_train_shards: 2 of 2 shards of .*gone-\{0..1\}.tar' cannot "
+                                          r"be read: .*gone-0.tar does not exist.*monitor.knn_every_epochs=0"):
         preflight.check_paths(config.dataclasses.replace(base, monitor=config.MonitorConfig(**on)))
     off = dict(on, knn_every_epochs=0)
     preflight.check_paths(config.dataclasses.replace(base, monitor=config.MonitorConfig(**off)))

@@ -24,7 +24,7 @@ def tool(monkeypatch):
 def test_a_recipe_name_works_and_refused_world_sizes_are_left_out(tool, capsys):
     assert tool.main(["--recipe", "demo_cpu", "--no-reference"]) == 0  # global batch 32: 8 GPUs of 4
     out = capsys.readouterr().out
-    assert "K = 30, D = 64, cache C = 640 rows per rank" in out and "| 8 | 4 | 165 KiB |" in out
+    assert "K = 30, D = 64, cache union U = 640 rows" in out and "| 8 | 4 | 20.6 KiB |" in out
     assert "| 64 |" not in out and "optim.global_batch_size=32 is not divisible by world size 64" in out
     assert tool.main(["--recipe", "demo_cpu.yaml", "--worlds", "1", "2", "--no-reference"]) == 0
     assert "| 2 | 16 |" in capsys.readouterr().out
@@ -32,7 +32,7 @@ def test_a_recipe_name_works_and_refused_world_sizes_are_left_out(tool, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--worlds", "3"], "scaling_table: error: optim.global_batch_size=4096 is not divisible by world size 3"),
-    (["--recipe", "nope"], "scaling_table: error: no recipe 'nope': give a recipe file or one of demo_cpu, r50_400ep"),
+    (["--recipe", "nope"], "scaling_table: error: no recipe 'nope': give a recipe file or one of byol_r50_400ep, demo_cpu, r50_400ep"),
     (["--recipe", "r50_400ep", "--worlds", "8", "6"], "scaling_table: error: optim.global_batch_size=2048 is not "
                                                       "divisible by world size 6"),
 ])

@@ -132,7 +132,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path, shards):
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=1", "unknown key 'optim.lr'; did you mean"),
     ("optim.epochs=many", "optim.epochs: expected int, got 'many'"),
-    ("data.train_shards=/nowhere/x-{0..3}.tar", "4 of 4 shards of '/nowhere/x-{0..3}.tar' do not exist"),
+    ("data.train_shards=/nowhere/x-{0..3}.tar", "4 of 4 shards of '/nowhere/x-{0..3}.tar' cannot be read: /nowhere/x-0.tar does not exist"),
     ("grouping.num_groups=100", "grouping.num_groups=100 exceeds the feature cache: grouping.cache_size=64 leaves"),
 ])
 def test_bad_recipe_exits_2_naming_the_key(tmp_path, shards, override, message):
