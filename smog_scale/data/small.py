@@ -11,8 +11,8 @@ train (1,437) and val (360, a stratified 20%) never share a handwriting. Each im
 
 - the background is a random patch (10-50% of the short side) of one of scikit-image's photos
   (astronaut, chelsea, coffee, rocket) or grey textures (brick, grass, gravel, tinted a random
-  colour), flipped at random and squeezed into a dark band (0-120) or a light band (135-255);
-- the digit is upscaled to 45-85% of the side, rotated by up to 20 degrees and pasted at a random
+  colour), flipped at random and squeezed into a dark band (0-100) or a light band (155-255);
+- the digit is upscaled to 55-90% of the side, rotated by up to 20 degrees and pasted at a random
   place in an ink colour from the opposite band (light on dark, dark on light), so it stays legible
   whatever the background;
 - the whole image then gets the demo set's colour shift (brightness, contrast, saturation, gains).
@@ -39,8 +39,8 @@ from smog_scale.data.make_shards import ConvertOptions, convert
 SPLITS = ("train", "val")
 VAL_FRACTION = 0.2  # 1,797 digits -> 1,437 train + 360 val
 PATCH_RANGE = (0.1, 0.5)  # background patch side, as a fraction of the source's short side
-GLYPH_RANGE = (0.45, 0.85)  # digit side before rotation, as a fraction of the image side
-DARK, LIGHT = (0.0, 120.0), (135.0, 255.0)  # background bands; the ink takes the other one
+GLYPH_RANGE = (0.55, 0.9)  # digit side before rotation, as a fraction of the image side
+DARK, LIGHT = (0.0, 100.0), (155.0, 255.0)  # background bands; the ink takes the other one
 MAX_ROTATION = 20.0  # degrees
 JPEG_QUALITY = 95  # the converter's own re-encoding quality; 4:4:4 chroma keeps 32-px colours sharp
 SAMPLES_PER_SHARD = 256
