@@ -1,0 +1,162 @@
+"""Does SMoG learn on small data? kNN curves of SMoG, the BYOL control, random init and raw pixels.
+
+    python benchmarks/bench_learning.py [key=value ...] [--data DIR] [--out DIR] [--steps 750] [--every 125]
+                                        [--seeds 0 1 2] [--methods smog byol]
+
+(recipe overrides first: ``--seeds`` and ``--methods`` take every word after them)
+
+Data: ``python -m smog_scale.data.small`` (written under ``--data`` on first use): 32-px digits, 1,437 train
+and 360 held-out images of 10 classes on photo and texture patches. Every trained row goes through the
+user's pipeline: ``smog_scale/train.py recipes/small_32px.yaml`` on one CPU process (``model.objective=byol``
+for the control; ``key=value`` overrides go to both), whose kNN monitor logs the online backbone's weighted
+kNN top-1 (k = 20, T = 0.07, center crops of the held-out split; ``tools/knn_eval.py``'s protocol) every
+``--every`` steps. References: the same backbone at random init with torch seeds ``--seeds`` (shown at step 0 of the
+trained rows too), and kNN on the raw pixels. Prints a Markdown table (mean +- std over seeds at each step) and writes
+``OUT/learning.json`` and ``OUT/learning.png``. Runs one training at a time with ``OMP_NUM_THREADS=2``;
+finished runs are reused, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from smog_scale import config, evaluate  # noqa: E402
+from smog_scale.data.shards import build_eval_loader  # noqa: E402
+from smog_scale.models.backbone import build_backbone  # noqa: E402
+
+RECIPE = ROOT / "recipes" / "small_32px.yaml"
+SIZE = 32
+
+
+def shards(data: Path) -> tuple[Path, Path]:
+    train, val = data / "shards" / "train", data / "shards" / "val"
+    if not (val / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "smog_scale.data.small", str(data)], check=True, cwd=ROOT)
+    return train, val
+
+
+def train_curve(data: Path, run: Path, method: str, seed: int, steps: int, every: int,
+                overrides: Sequence[str]) -> dict[int, float]:
+    """kNN top-1 of the online backbone at every ``every`` steps of one training run (trained if not yet)."""
+    metrics = run / "metrics.jsonl"
+    if not (run / "done").is_file():
+        train, val = shards(data)
+        cfg = config.load(RECIPE, [f"data.train_shards={train}"])
+        per_epoch = config.derive(cfg, 1, cfg.data.num_samples or 0).steps_per_epoch
+        if steps % per_epoch or every % per_epoch:
+            raise SystemExit(f"--steps and --every must be multiples of the recipe's {per_epoch} steps per epoch")
+        settings = [f"run.output_dir={run}", f"data.train_shards={train}", f"run.seed={seed}",
+                    f"optim.epochs={steps // per_epoch}", f"monitor.knn_every_epochs={every // per_epoch}",
+                    f"monitor.knn_train_shards={train}", f"monitor.knn_val_shards={val}", "run.overwrite=true",
+                    f"model.objective={method}", *overrides]
+        run.mkdir(parents=True, exist_ok=True)
+        if metrics.exists():
+            metrics.unlink()  # an interrupted run starts over: its curve must come from one run
+        env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+        with open(run.parent / f"{run.name}.log", "w") as log:
+            subprocess.run([sys.executable, str(ROOT / "smog_scale" / "train.py"), str(RECIPE), *settings],
+                           check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+        (run / "done").touch()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return {r["step"]: r["knn_top1"] for r in records if r.get("event") == "knn"}
+
+
+def features(model: torch.nn.Module | None, urls: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm features of ``model`` (None: the raw pixels) on center crops, with the labels."""
+    feats, labels = [], []
+    with torch.no_grad():
+        for images, batch_labels, _ in build_eval_loader(str(urls), image_size=SIZE, batch_size=256, num_workers=1):
+            feats.append((images if model is None else model(images)).flatten(1))
+            labels.append(batch_labels)
+    return torch.nn.functional.normalize(torch.cat(feats), dim=1), torch.cat(labels)
+
+
+def reference(data: Path, seed: int | None) -> float:
+    """kNN top-1 of the recipe's backbone at random init with torch seed ``seed`` (None: raw pixels)."""
+    train, val = shards(data)
+    model = None
+    if seed is not None:
+        cfg = config.load(RECIPE, [f"data.train_shards={train}"])
+        torch.manual_seed(seed)
+        model = build_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs).eval()
+    return evaluate.knn_evaluate(*features(model, train), *features(model, val))["knn_top1"]
+
+
+def summary(values: Sequence[float]) -> str:
+    return f"{statistics.mean(values):.1f}" + (f" +- {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+
+
+def table(curves: dict[str, dict[int, list[float]]], steps: Sequence[int]) -> str:
+    lines = ["| features | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|" + "---:|" * len(steps)]
+    for name, curve in curves.items():
+        lines.append(f"| {name} | " + " | ".join(summary(curve[s]) if s in curve else "" for s in steps) + " |")
+    return "\n".join(lines)
+
+
+def plot(curves: dict[str, dict[int, list[float]]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        xs = sorted(curve)
+        means = [statistics.mean(curve[x]) for x in xs]
+        spread = [statistics.stdev(curve[x]) if len(curve[x]) > 1 else 0.0 for x in xs]
+        ax.errorbar(xs, means, yerr=spread, marker="o", capsize=3, label=name)
+    ax.set(xlabel="optimizer steps", ylabel="kNN top-1 (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("bench_out/small"), help="small set (built if missing)")
+    parser.add_argument("--out", type=Path, default=Path("bench_out/learning"), help="runs, JSON and PNG")
+    parser.add_argument("--steps", type=int, default=750)
+    parser.add_argument("--every", type=int, default=125, help="kNN every N steps")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=("smog", "byol"), default=["smog", "byol"])
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value for every trained run")
+    args = parser.parse_args(argv)
+    steps = list(range(0, args.steps + 1, args.every))
+    random_init = {seed: reference(args.data, seed) for seed in args.seeds}
+    curves: dict[str, dict[int, list[float]]] = {}
+    for method in args.methods:
+        curve: dict[int, list[float]] = {0: list(random_init.values())}
+        for seed in args.seeds:
+            run = args.out / f"{method}_s{seed}"
+            for step, top1 in train_curve(args.data, run, method, seed, args.steps, args.every,
+                                          args.overrides).items():
+                curve.setdefault(step, []).append(top1)
+        curves["SMoG" if method == "smog" else "BYOL control"] = curve
+    curves["random init"] = {s: list(random_init.values()) for s in steps}
+    curves["raw pixels"] = {s: [reference(args.data, None)] for s in steps}
+    args.out.mkdir(parents=True, exist_ok=True)
+    title = f"small_32px, {len(args.seeds)} seed(s)" + (f", {' '.join(args.overrides)}" if args.overrides else "")
+    (args.out / "learning.json").write_text(json.dumps({"title": title, "curves": curves}, indent=1))
+    plot(curves, args.out / "learning.png", title)
+    print(title)
+    print(table(curves, steps))
+    print(f"wrote {args.out / 'learning.json'} and {args.out / 'learning.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
