@@ -1,4 +1,5 @@
-"""The recipe schema: nested dataclasses loaded from YAML plus dotted overrides, validated once.
+"""The recipe schema: nested dataclasses loaded from YAML (``smog_scale.recipe_file``) plus dotted overrides,
+validated once.
 
 Every field's comment gives its source or recommended range and how it fails. Errors are
 ``ConfigError`` with one line naming the key; ``train.py`` turns them into exit code 2 before any
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from collections.abc import Sequence
@@ -21,11 +21,7 @@ from typing import Any, Literal
 import yaml
 from accelerate.utils import LoggerType
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # the shipped recipes (a source checkout)
-
-
-class ConfigError(ValueError):
-    """A recipe or override that cannot run; the message names the key."""
+from smog_scale.recipe_file import ConfigError, parse_override, read_recipe
 
 
 @dataclass(frozen=True)
@@ -201,46 +197,12 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads an exponent without a dot (``5e-4``, ``3E-4``) as a string; this loader reads it as
-    a float, as YAML 1.2 does, everywhere (typed fields, crop records, ``backbone_kwargs``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    """``text`` as YAML; a syntax error is one line naming ``where``, the line and the column."""
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from err
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
-    key, raw = text.split("=", 1)
-    return key.strip().split("."), _parse_yaml(raw, f"override {text!r}") if raw.strip() else ""
-
-
-def shipped_recipes() -> str:
-    """The recipes that come with the code, for error messages."""
-    names = sorted(str(p.relative_to(RECIPES.parent)) for p in RECIPES.glob("*.yaml"))
-    return ", ".join(names) if names else f"none found in {RECIPES}"
-
-
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Recipe YAML (over its ``base``, if it names one), then ``dotted.key=value`` overrides (values parsed as
     YAML), validated."""
-    values = _read_recipe(Path(path))
+    values = read_recipe(Path(path))
     for text in overrides:
-        keys, value = _parse_override(text)
+        keys, value = parse_override(text)
         node = values
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -256,30 +218,6 @@ def _longest_open(data: DataConfig) -> float:
     """Seconds a shard may legitimately take to open: every attempt stalls, with the back-off between."""
     attempts = data.open_attempts
     return attempts * data.stall_timeout_s + data.retry_delay_s * attempts * (attempts - 1) / 2
-
-
-def _read_recipe(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A recipe's sections. A top-level ``base: other.yaml`` (a path relative to the recipe) is read first and
-    the recipe laid over it: mappings merged key by key, any other value replaced (a list of crops whole)."""
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist; recipes: {shipped_recipes()}")
-    values = _parse_yaml(path.read_text(), f"recipe {str(path)!r}") or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections")
-    base = values.pop("base", None)
-    if base is None:
-        return values
-    if not isinstance(base, str) or path.resolve() in including:
-        raise ConfigError(f"recipe {str(path)!r}: base must name another recipe (not itself), got {base!r}")
-    return _laid_over(_read_recipe(path.parent / base, (*including, path.resolve())), values)
-
-
-def _laid_over(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in values.items():
-        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _laid_over(merged[key], value) if both else value
-    return merged
 
 
 def validate(config: Config) -> None:

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from smog_scale import checkpoint, config, dist, memory, monitor, preflight, regrouping, run_dir
+from smog_scale import checkpoint, config, dist, memory, monitor, preflight, recipe_file, regrouping, run_dir
 from smog_scale.config import ConfigError
 from smog_scale.data.shard_list import ShardError
 from smog_scale.data.shards import build_train_loader
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.recipe is None:
-            raise ConfigError(f"no recipe given; recipes: {config.shipped_recipes()}")
+            raise ConfigError(f"no recipe given; recipes: {recipe_file.shipped_recipes()}")
         cfg = config.load(args.recipe, args.overrides)
         accelerator = make_accelerator(cfg)
         run = run_dir.open_run(cfg, accelerator)  # the main process now holds the run folder's lock

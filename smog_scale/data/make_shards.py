@@ -25,14 +25,10 @@ import argparse
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import random
-import signal
 import sys
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,17 +38,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from smog_scale import __version__
+from smog_scale.data import worker_pool
 from smog_scale.data.sources import ConversionError, InputImage, Inventory, read_class_list, scan_source
 
 JPEG_QUALITY = 95
 MANIFEST_FORMAT = 1
 PROGRESS_DIR = ".make_shards"  # temp shards and per-shard records: what lets a rerun resume
 _TAR_BYTES_PER_SAMPLE = 3 * 512  # headers and padding of the jpg and cls members, for --shard-size
-_INPUT_BYTES = 2048  # per worker on the board: shard name and input origin, cut to this length
-
-
-class WorkerDied(RuntimeError):
-    """A converter worker process ended abruptly; the message names the input it was converting."""
 
 
 @dataclass(frozen=True)
@@ -156,52 +148,6 @@ def _read(image: InputImage) -> bytes:
     return data
 
 
-class _WorkerBoard:
-    """What each worker process is converting, in shared memory: SIGKILL (the out-of-memory killer)
-    cannot be caught, so the main process reads there which input a dead worker was on.
-
-    Each worker takes a slot in the pool's initializer. A worker that the pool itself terminates
-    (after another one died) clears its slot on SIGTERM, so the slots still marked after the pool
-    has shut down are the workers that died abruptly.
-    """
-
-    current: tuple[_WorkerBoard, int] | None = None  # in a worker process: its board and slot
-
-    def __init__(self, workers: int) -> None:
-        context = multiprocessing.get_context()
-        self._inputs = context.RawArray("c", workers * _INPUT_BYTES)
-        self._taken = context.Value("i", 0)
-
-    def init_worker(self) -> None:
-        """The pool's ``initializer``: take a slot; on SIGTERM clear it and exit."""
-        with self._taken.get_lock():
-            slot, self._taken.value = self._taken.value, self._taken.value + 1
-        _WorkerBoard.current = (self, slot)
-
-        def terminated(signum: int, _frame: object) -> None:
-            self.mark(slot, "")
-            os._exit(128 + signum)
-
-        signal.signal(signal.SIGTERM, terminated)
-
-    def mark(self, slot: int, text: str) -> None:
-        data = text.encode(errors="replace")[: _INPUT_BYTES - 1]
-        self._inputs[slot * _INPUT_BYTES:slot * _INPUT_BYTES + len(data) + 1] = data + b"\0"
-
-    def marked(self) -> list[str]:
-        raw = self._inputs.raw
-        texts = (raw[i:i + _INPUT_BYTES].split(b"\0", 1)[0].decode(errors="replace")
-                 for i in range(0, len(raw), _INPUT_BYTES))
-        return [text for text in texts if text]
-
-
-def _converting(task: ShardTask, image: InputImage | None) -> None:
-    """Mark, in a worker process, the input it starts on (None: between inputs)."""
-    if _WorkerBoard.current is not None:
-        board, slot = _WorkerBoard.current
-        board.mark(slot, f"{image.origin} (for {task.name})" if image is not None else "")
-
-
 def write_shard(task: ShardTask) -> dict[str, Any]:
     """Write one shard atomically and return its record (also saved for a resumed run)."""
     progress = Path(task.out_dir) / PROGRESS_DIR
@@ -210,7 +156,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     with open(tmp, "wb") as stream:
         with wds.TarWriter(stream, mtime=0, format="PAX_FORMAT") as sink:
             for image in task.images:
-                _converting(task, image)
+                worker_pool.mark(f"converting {image.origin} (for {task.name})")
                 try:
                     encoded = encode_jpeg(_read(image), task.max_side)
                 # PIL raises many types on damaged data (OSError, SyntaxError, ValueError, struct.error,
@@ -225,7 +171,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
                     record["converted"].append({"path": image.origin, "from": encoded.converted_from})
         stream.flush()
         os.fsync(stream.fileno())
-    _converting(task, None)
+    worker_pool.mark("")
     _write_json(progress / f"{task.name}.json", {**record, "fingerprint": task.fingerprint})
     os.replace(tmp, Path(task.out_dir) / task.name)
     return record
@@ -259,30 +205,6 @@ def _finished_records(out_dir: Path, fingerprint: str) -> dict[str, dict[str, An
         if (out_dir / record["name"]).is_file():
             records[record["name"]] = record
     return records
-
-
-def _write_all(tasks: list[ShardTask], workers: int) -> Iterator[dict[str, Any]]:
-    """The records of ``tasks`` as they complete: in this process, or in a pool of ``workers`` processes.
-
-    A pool whose worker dies abruptly raises ``BrokenProcessPool`` for the pending shards (a
-    ``multiprocessing.Pool`` would wait for them forever); that becomes ``WorkerDied`` naming the
-    input, after the pool has shut down.
-    """
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(write_shard, tasks)
-        return
-    board = _WorkerBoard(min(workers, len(tasks)))
-    pool = ProcessPoolExecutor(min(workers, len(tasks)), initializer=board.init_worker)
-    try:
-        yield from (future.result() for future in as_completed([pool.submit(write_shard, t) for t in tasks]))
-    except BrokenProcessPool:
-        pool.shutdown(wait=True)  # every worker joined: only the slots of those that died abruptly are marked
-        inputs = "; ".join(board.marked()) or "an input (it died between two)"
-        raise WorkerDied(f"a converter worker process died abruptly (killed: out of memory?) while converting "
-                         f"{inputs}; complete shards are kept, rerun the same command to resume (with fewer "
-                         "--workers, or --max-side, if memory is short)") from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # on an error here, shards not yet started are not
 
 
 def _manifest_options(source: Path, options: ConvertOptions) -> dict[str, Any]:
@@ -356,7 +278,10 @@ def convert(source: Path, out_dir: Path, options: ConvertOptions, progress: bool
     ]
     total = sum(len(t.images) for t in tasks)
     with tqdm(total=total, unit="img", disable=None if progress else True) as bar:  # None: off unless a TTY
-        for record in _write_all(tasks, options.workers):
+        advice = ("complete shards are kept, rerun the same command to resume (with fewer --workers, or "
+                  "--max-side, if memory is short)")
+        for record in worker_pool.map_unordered(write_shard, tasks, options.workers, who="converter worker",
+                                                advice=advice):
             done[record["name"]] = record
             bar.update(len(record["skipped"]) + record["samples"])
     return _write_outputs(out_dir, source, inventory, [done[name] for name in names], options)
@@ -454,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = convert(args.source, args.out_dir, options)
     except ConversionError as exc:
         parser.error(str(exc))
-    except WorkerDied as exc:
+    except worker_pool.WorkerDied as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     print(
