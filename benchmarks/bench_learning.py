@@ -147,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 curve.setdefault(step, []).append(top1)
         curves["SMoG" if method == "smog" else "BYOL control"] = curve
     curves["random init"] = {s: list(random_init.values()) for s in steps}
-    curves["raw pixels"] = {s: [reference(args.data, None)] for s in steps}
+    pixels = reference(args.data, None)
+    curves["raw pixels"] = {s: [pixels] for s in steps}
     args.out.mkdir(parents=True, exist_ok=True)
     title = f"small_32px, {len(args.seeds)} seed(s)" + (f", {' '.join(args.overrides)}" if args.overrides else "")
     (args.out / "learning.json").write_text(json.dumps({"title": title, "curves": curves}, indent=1))
