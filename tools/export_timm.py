@@ -15,7 +15,7 @@ For detection and segmentation (the paper's Tables 5-6), ResNets only:
 --format torchvision writes OUT_DIR/torchvision.pth, a state dict with torchvision's names:
 
     model = torchvision.models.resnet50(); model.fc = torch.nn.Identity()
-    model.load_state_dict(torch.load("OUT_DIR/torchvision.pth"))      # strict
+    model.load_state_dict(torch.load("OUT_DIR/torchvision.pth", weights_only=True))  # strict
 
 mmdetection / mmsegmentation read the same names. torchvision has no constructor for resnet50x2 /
 resnet50x4 (its ResNet cannot widen the stage outputs), so they fail here: use timm or detectron2.
