@@ -1,19 +1,25 @@
-"""Does SMoG learn on small data? kNN curves of SMoG, the BYOL control, random init and raw pixels.
+"""Does SMoG learn on small data? kNN curves of SMoG, the BYOL control, a SimCLR reference, random init and raw pixels.
 
     python benchmarks/bench_learning.py [key=value ...] [--data DIR] [--out DIR] [--steps 750] [--every 125]
-                                        [--seeds 0 1 2] [--methods smog byol]
+                                        [--seeds 0 1 2] [--methods smog byol simclr]
 
 (recipe overrides first: ``--seeds`` and ``--methods`` take every word after them)
 
 Data: ``python -m smog_scale.data.small`` (written under ``--data`` on first use): 32-px digits, 1,437 train
 and 360 held-out images of 10 classes on photo and texture patches. Every trained row goes through the
 user's pipeline: ``smog_scale/train.py recipes/small_32px.yaml`` on one CPU process (``model.objective=byol``
-for the control; ``key=value`` overrides go to both), whose kNN monitor logs the online backbone's weighted
-kNN top-1 (k = 20, T = 0.07, center crops of the held-out split; ``tools/knn_eval.py``'s protocol) every
-``--every`` steps. References: the same backbone at random init with torch seeds ``--seeds`` (shown at step 0 of the
-trained rows too), and kNN on the raw pixels. Prints a Markdown table (mean +- std over seeds at each step) and writes
-``OUT/learning.json`` and ``OUT/learning.png``. Runs one training at a time with ``OMP_NUM_THREADS=2``;
-finished runs are reused, so an interrupted benchmark resumes.
+for the control; ``key=value`` overrides go to every trained row), whose kNN monitor logs the online backbone's
+weighted kNN top-1 (k = 20, T = 0.07, center crops of the held-out split; ``tools/knn_eval.py``'s protocol) every
+``--every`` steps; the SimCLR reference (``simclr_reference.py``: the recipe's backbone, projector, views, batch and
+optimizer with SimCLR's loss) is trained in this process and scored the same way. References: the same backbone at
+random init with torch seeds ``--seeds`` (shown at step 0 of the trained rows too); that backbone with its BatchNorm
+statistics re-estimated on center crops of the train split (``BN_BATCHES`` batches, no weight update), as a trained
+row's eval mode has statistics of the data; and kNN on the raw pixels. Prints a Markdown table (mean
++- std over seeds at each step) and writes ``OUT/learning.json`` and ``OUT/learning.png``. Runs one training at
+a time with ``OMP_NUM_THREADS=2`` (unless the caller sets it); finished runs are reused, so an interrupted
+benchmark resumes, and benchmarks over different ``--seeds`` / ``--methods`` with the same ``--out`` can run
+side by side (on 2 cores, two 1-thread runs together take 1.6 s a step each where one 2-thread run takes 1.1 s)
+before a last call gathers the table.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -32,12 +39,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import simclr_reference  # noqa: E402  (benchmarks/, on sys.path as this script's folder)
+
 from smog_scale import config, evaluate  # noqa: E402
 from smog_scale.data.shards import build_eval_loader  # noqa: E402
 from smog_scale.models.backbone import build_backbone  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "small_32px.yaml"
+NAMES = {"smog": "SMoG", "byol": "BYOL control", "simclr": "SimCLR reference"}
 SIZE = 32
+BN_BATCHES, BN_BATCH_SIZE = 5, 256  # the "random init, BN re-estimated" row: statistics of the first 1,280 train images
 
 
 def shards(data: Path) -> tuple[Path, Path]:
@@ -57,17 +68,23 @@ def train_curve(data: Path, run: Path, method: str, seed: int, steps: int, every
         per_epoch = config.derive(cfg, 1, cfg.data.num_samples or 0).steps_per_epoch
         if steps % per_epoch or every % per_epoch:
             raise SystemExit(f"--steps and --every must be multiples of the recipe's {per_epoch} steps per epoch")
-        settings = [f"run.output_dir={run}", f"data.train_shards={train}", f"run.seed={seed}",
-                    f"optim.epochs={steps // per_epoch}", f"monitor.knn_every_epochs={every // per_epoch}",
-                    f"monitor.knn_train_shards={train}", f"monitor.knn_val_shards={val}", "run.overwrite=true",
-                    f"model.objective={method}", *overrides]
         run.mkdir(parents=True, exist_ok=True)
         if metrics.exists():
             metrics.unlink()  # an interrupted run starts over: its curve must come from one run
-        env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-        with open(run.parent / f"{run.name}.log", "w") as log:
-            subprocess.run([sys.executable, str(ROOT / "smog_scale" / "train.py"), str(RECIPE), *settings],
-                           check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if method == "simclr":  # the reference is not a trainer objective: trained here (simclr_reference.py)
+            cfg = config.load(RECIPE, [f"data.train_shards={train}", *overrides])
+            simclr_reference.train(cfg, data / "images" / "train", run, seed, steps, every,
+                                   lambda backbone: knn_top1(backbone, train, val))
+        else:
+            settings = [f"run.output_dir={run}", f"data.train_shards={train}", f"run.seed={seed}",
+                        f"optim.epochs={steps // per_epoch}", f"monitor.knn_every_epochs={every // per_epoch}",
+                        f"monitor.knn_train_shards={train}", f"monitor.knn_val_shards={val}", "run.overwrite=true",
+                        f"model.objective={method}", *overrides]
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            env.setdefault("OMP_NUM_THREADS", "2")
+            with open(run.parent / f"{run.name}.log", "w") as log:
+                subprocess.run([sys.executable, str(ROOT / "smog_scale" / "train.py"), str(RECIPE), *settings],
+                               check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
         (run / "done").touch()
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     return {r["step"]: r["knn_top1"] for r in records if r.get("event") == "knn"}
@@ -91,6 +108,23 @@ def reference(data: Path, seed: int | None) -> float:
         cfg = config.load(RECIPE, [f"data.train_shards={train}"])
         torch.manual_seed(seed)
         model = build_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs).eval()
+    return knn_top1(model, train, val)
+
+
+def reference_bn(data: Path, seed: int, batches: int = BN_BATCHES) -> float:
+    """kNN top-1 of the backbone of ``reference(data, seed)`` after ``evaluate.reestimate_batchnorm`` on the first
+    ``batches`` batches of the train shards' center crops (``tools/knn_eval.py --random-init --bn-batches``)."""
+    train, val = shards(data)
+    cfg = config.load(RECIPE, [f"data.train_shards={train}"])
+    torch.manual_seed(seed)
+    model = build_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs)
+    loader = build_eval_loader(str(train), image_size=SIZE, batch_size=BN_BATCH_SIZE, num_workers=1)
+    evaluate.reestimate_batchnorm(model, (images for images, *_ in islice(loader, batches)))
+    return knn_top1(model, train, val)
+
+
+def knn_top1(model: torch.nn.Module | None, train: Path, val: Path) -> float:
+    """Weighted kNN top-1 of ``model``'s features (None: raw pixels) of the ``val`` shards against ``train``."""
     return evaluate.knn_evaluate(*features(model, train), *features(model, val))["knn_top1"]
 
 
@@ -132,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=750)
     parser.add_argument("--every", type=int, default=125, help="kNN every N steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", choices=("smog", "byol"), default=["smog", "byol"])
+    parser.add_argument("--methods", nargs="+", choices=NAMES, default=list(NAMES))
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every trained run")
     args = parser.parse_args(argv)
     steps = list(range(0, args.steps + 1, args.every))
@@ -145,8 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for step, top1 in train_curve(args.data, run, method, seed, args.steps, args.every,
                                           args.overrides).items():
                 curve.setdefault(step, []).append(top1)
-        curves["SMoG" if method == "smog" else "BYOL control"] = curve
+        curves[NAMES[method]] = curve
     curves["random init"] = {s: list(random_init.values()) for s in steps}
+    bn_init = [reference_bn(args.data, seed) for seed in args.seeds]
+    curves["random init, BN re-estimated"] = dict.fromkeys(steps, bn_init)
     pixels = reference(args.data, None)
     curves["raw pixels"] = {s: [pixels] for s in steps}
     args.out.mkdir(parents=True, exist_ok=True)

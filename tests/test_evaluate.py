@@ -31,6 +31,7 @@ from smog_scale.evaluate import (
     knn_neighbors,
     knn_vote,
     probe_accuracy,
+    reestimate_batchnorm,
     shuffled_batches,
     train_linear_probe,
 )
@@ -224,6 +225,41 @@ def test_knn_tool_on_export_and_random_init(tiny, capsys):
     record = json.loads((root / "knn.json").read_text())
     assert 0 <= record["knn_top1"] <= record["knn_top5"] == 100.0  # 3 classes: top-5 holds them all
     assert record["image_size"] == 32
+
+
+def test_knn_tool_bn_batches_changes_only_the_statistics(tiny, capsys):
+    """--random-init --bn-batches: the random weights of --random-init with BatchNorm statistics of the train
+    shards; the kNN differs from the plain random init and the record says how many batches were used."""
+    root, train, val = tiny
+    common = ["--train-shards", train, "--val-shards", val, "--workers", "0", "--batch-size", "8", "--random-init"]
+    assert run_tool("knn_eval.py", [str(root / "run"), *common, "--bn-batches", "2", "--out", str(root / "bn.json")]) == 0
+    assert "random init, BatchNorm statistics of 2 train batches" in capsys.readouterr().out
+    assert json.loads((root / "bn.json").read_text())["bn_batches"] == 2
+    with pytest.raises(SystemExit):
+        run_tool("knn_eval.py", [str(root / "run"), *common, "--bn-batches", "-1"])
+
+
+def test_reestimate_batchnorm_is_the_plain_average_of_the_batch_statistics():
+    """Against a plain computation on fresh random inputs: running mean = mean of the batch means, running
+    variance = mean of the unbiased batch variances (equal batch sizes); weights, mode and momentum restored."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 5, 1), torch.nn.BatchNorm2d(5))
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    batches = [torch.randn(6, 3, 8, 8) * 2 + 1 for _ in range(3)]
+    assert reestimate_batchnorm(model, iter(batches)) == 3
+    with torch.no_grad():
+        conv = [model[0](x) for x in batches]
+        normed = [F.batch_norm(c, None, None, model[1].weight, model[1].bias, training=True) for c in conv]
+        for layer, outs in ((model[1], conv), (model[4], [model[3](model[2](n)) for n in normed])):
+            means = torch.stack([o.mean(dim=(0, 2, 3)) for o in outs]).mean(0)
+            variances = torch.stack([o.transpose(0, 1).flatten(1).var(dim=1) for o in outs]).mean(0)
+            torch.testing.assert_close(layer.running_mean, means, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(layer.running_var, variances, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert model[1].momentum == 0.3 and model[4].momentum == 0.1
+    with pytest.raises(ValueError, match="no batch"):
+        reestimate_batchnorm(model, iter([]))
 
 
 @pytest.mark.parametrize("tool", ["knn_eval.py", "linear_eval.py"])

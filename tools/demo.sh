@@ -25,16 +25,22 @@ ACCELERATE_USE_CPU=1 accelerate launch --num_processes 1 --num_machines 1 --mixe
 echo "== 4/5 export the backbone to timm -> $OUT/export"
 python "$ROOT/tools/export_timm.py" "$OUT/run" "$OUT/export" --check-size 64
 
-echo "== 5/5 kNN top-1 on the held-out demo images: pretrained vs random init"
-for init in pretrained random; do
-  flag=$([ "$init" = random ] && echo --random-init || true)
-  python "$ROOT/tools/knn_eval.py" "$OUT/export" $flag --train-shards "$OUT/shards/train" \
+echo "== 5/5 kNN top-1 on the held-out demo images: pretrained vs random init (with its own and with the data's BN statistics)"
+for init in pretrained random random_bn; do
+  case $init in
+    pretrained) flags=() ;;
+    random) flags=(--random-init) ;;
+    random_bn) flags=(--random-init --bn-batches 5) ;;  # 5 x 64 = all 320 train images
+  esac
+  python "$ROOT/tools/knn_eval.py" "$OUT/export" ${flags[@]+"${flags[@]}"} --train-shards "$OUT/shards/train" \
     --val-shards "$OUT/shards/val" --image-size 64 --batch-size 64 --workers 2 --out "$OUT/knn_$init.json"
 done
 python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
-trained, random = (json.load(open(f"{out}/knn_{name}.json")) for name in ("pretrained", "random"))
-print(f"kNN top-1 on the demo val set: pretrained {trained['knn_top1']:.1f}% vs random init {random['knn_top1']:.1f}% "
-      f"({trained['knn_top1'] - random['knn_top1']:+.1f} points)")
+trained, random, random_bn = (json.load(open(f"{out}/knn_{name}.json"))["knn_top1"]
+                              for name in ("pretrained", "random", "random_bn"))
+print(f"kNN top-1 on the demo val set: pretrained {trained:.1f}% vs random init {random:.1f}% "
+      f"({trained - random:+.1f} points) and random init with the data's BatchNorm statistics {random_bn:.1f}% "
+      f"({trained - random_bn:+.1f} points)")
 PY
