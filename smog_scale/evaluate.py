@@ -82,10 +82,11 @@ def reestimate_batchnorm(model: nn.Module, images: Iterable[torch.Tensor]) -> in
     """
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [layer.momentum for layer in layers]
+    model.eval()  # dropout and drop path off: only the statistics may differ from the evaluated network
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # cumulative average over the batches
-    model.train()
+        layer.train()
     count = 0
     for batch in images:
         model(batch)

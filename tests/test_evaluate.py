@@ -232,7 +232,8 @@ def test_knn_tool_bn_batches_changes_only_the_statistics(tiny, capsys):
     shards; the kNN differs from the plain random init and the record says how many batches were used."""
     root, train, val = tiny
     common = ["--train-shards", train, "--val-shards", val, "--workers", "0", "--batch-size", "8", "--random-init"]
-    assert run_tool("knn_eval.py", [str(root / "run"), *common, "--bn-batches", "2", "--out", str(root / "bn.json")]) == 0
+    out = ["--out", str(root / "bn.json")]
+    assert run_tool("knn_eval.py", [str(root / "run"), *common, "--bn-batches", "2", *out]) == 0
     assert "random init, BatchNorm statistics of 2 train batches" in capsys.readouterr().out
     assert json.loads((root / "bn.json").read_text())["bn_batches"] == 2
     with pytest.raises(SystemExit):
@@ -260,6 +261,15 @@ def test_reestimate_batchnorm_is_the_plain_average_of_the_batch_statistics():
     assert model[1].momentum == 0.3 and model[4].momentum == 0.1
     with pytest.raises(ValueError, match="no batch"):
         reestimate_batchnorm(model, iter([]))
+
+
+def test_reestimate_batchnorm_keeps_dropout_off():
+    """Only the statistics change: dropout (and timm's drop path) stay in eval mode while they are gathered."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.9), torch.nn.BatchNorm1d(3))
+    batch = torch.randn(32, 3)
+    reestimate_batchnorm(model, [batch])
+    torch.testing.assert_close(model[1].running_mean, batch.mean(0))
 
 
 @pytest.mark.parametrize("tool", ["knn_eval.py", "linear_eval.py"])
