@@ -1,11 +1,16 @@
+import os
 import sys
 from pathlib import Path
 
-import torch
+# One thread in every process the suite compares: this test process, the gloo ranks it spawns and every
+# trainer or tool it launches inherit these. Thread counts change float reduction orders (so results), and
+# Accelerate sets its own count in a CPU rank that finds OMP_NUM_THREADS unset. One per test process also
+# suits pytest-xdist (a process per core): on a busy 2-core machine extra threads' spin-waits cost up to 100x.
+os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+
+import torch  # noqa: E402  (after the thread settings: OpenMP reads them when torch loads)
 
 # Lets tests import the helpers beside them (tests/gloo.py) under pytest-xdist too.
 sys.path.insert(0, str(Path(__file__).parent))
 
-# One intra-op thread per test process: pytest-xdist already runs a process per core, the tensors
-# are small, and on a busy 2-core machine the spin-waits of extra threads cost up to 100x.
 torch.set_num_threads(1)

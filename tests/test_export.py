@@ -14,6 +14,7 @@ import timm
 import torch
 import torchvision
 import yaml
+from helpers import EPS32
 from safetensors.torch import load_file, save_file
 
 from smog_scale import config
@@ -200,9 +201,13 @@ def test_torchvision_export_loads_strictly_and_matches_timm(exported):
     vision.load_state_dict(state, strict=True)
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        expected = load_exported(result.out_dir)(images)  # the timm export's features
-        torch.testing.assert_close(vision.eval()(images), expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(expected, model.online.backbone(images), rtol=1e-5, atol=1e-6)
+        timm_export = load_exported(result.out_dir)
+        expected = timm_export(images)  # the timm export's features
+        # other kernels add in other orders: 4 x the float32 error of the timm export against its float64 run
+        error = (expected.double() - timm_export.double()(images.double())).abs().max()
+        atol = 4 * max(float(error), EPS32 * float(expected.abs().max()))
+        torch.testing.assert_close(vision.eval()(images), expected, rtol=0, atol=atol)
+        torch.testing.assert_close(expected, model.online.backbone(images), rtol=0, atol=atol)
     assert result.max_abs_diff["torchvision"] <= 1e-5
 
 

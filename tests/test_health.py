@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import EPS32
 
 from smog_scale.metrics import label_churn
 from smog_scale.objectives import grouping_health
@@ -43,7 +44,8 @@ def test_grouping_health_matches_loop_reference(num_local):
     preds[1] = groups[labels[0]] + 0.1 * preds[1]  # view b predicts view a's groups: hits
     health = grouping_health(preds, labels, groups)
     assert health.dtype == torch.float32 and health.shape == (2,)
-    torch.testing.assert_close(health, reference_health(preds, labels, groups), rtol=1e-6, atol=1e-7)
+    # shares of whole counts: each side divides once or twice (float32), the argmaxes are far from ties here
+    torch.testing.assert_close(health, reference_health(preds, labels, groups), rtol=4 * EPS32, atol=0)
     assert 0.2 < health[1] < 1.0
 
 

@@ -46,7 +46,7 @@ def fake_slurm(bin_dir: Path) -> dict[str, str]:
         (bin_dir / name).chmod(0o755)
     return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node0", GPUS_PER_NODE="2",
                 PRECISION="no", MASTER_PORT="0", RECIPE="recipes/demo_cpu.yaml", ACCELERATE_USE_CPU="1",
-                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+                PYTHONUNBUFFERED="1")
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ def test_ema_update_matches_formula_and_reset_copies(model):
     online = [p.clone() for p in model.online.parameters()]
     model.update_momentum(0.9)
     for new, old, o in zip(model.momentum.parameters(), before_m, online):
+        # lerp against the formula: 3 roundings of weights < 1; float32 defaults (1e-5 + 1.3e-6 |x|) hold them
         torch.testing.assert_close(new, 0.9 * old + 0.1 * o)
     model.reset_momentum()
     for m_t, o_t in zip(model.momentum.state_dict().values(), model.online.state_dict().values()):
@@ -88,6 +89,7 @@ def test_bf16_weights_leave_the_momentum_encoder_float32():
     before = [p.clone() for p in model.momentum.parameters()]
     model.update_momentum(0.999)
     for new, old, online in zip(model.momentum.parameters(), before, model.online.parameters()):
+        # the same float32 lerp of weights < 1: a rounding or two, 1e-6 = 8 eps
         torch.testing.assert_close(new, torch.lerp(old, online.float(), 0.001), rtol=0, atol=1e-6)
     old, online = (torch.cat([p.flatten() for p in ps]) for ps in (before, model.online.parameters()))
     stalled = torch.lerp(old.bfloat16(), online, 0.001) == old.bfloat16()

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import EPS32, summation_atol
 from torch import nn
 
 from smog_scale.config import OptimConfig
@@ -75,7 +76,9 @@ def test_lars_trust_ratio_only_on_decayed_weights():
             expected = w - 0.5 * trust * (g + 0.01 * w)
         else:
             expected = w - 0.5 * g
-        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+        # the trust ratio's norms add numel squares (other order in timm's LARS); w - update rounds once a side
+        atol = summation_atol(torch.float32, w.numel(), float((w - expected).abs().max()))
+        torch.testing.assert_close(p.detach(), expected, rtol=2 * EPS32, atol=atol)
 
 
 def test_lars_skips_decay_and_trust_ratio_on_swin_bias_tables():
@@ -88,7 +91,7 @@ def test_lars_skips_decay_and_trust_ratio_on_swin_bias_tables():
     assert len(tables) == 2
     build_optimizer(model, OptimConfig(name="lars", weight_decay=0.5, momentum=0.0), lr=0.5).step()
     for p, w, g in tables:
-        torch.testing.assert_close(p.detach(), w - 0.5 * g, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p.detach(), w - 0.5 * g, rtol=2 * EPS32, atol=0)  # one rounding a side
 
 
 @pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])

@@ -109,7 +109,7 @@ def free_port() -> int:
 
 def launch_node(script: Path, run: Path, machine_rank: int, port: int, *overrides: str) -> subprocess.Popen:
     """One "node" of a 2-node job on loopback: one CPU process, gloo, static rendezvous at ``port``."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
            "--machine_rank", str(machine_rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
            "--main_process_port", str(port), "--num_cpu_threads_per_process", "1", str(script), str(RECIPE),

@@ -60,7 +60,7 @@ def test_bad_recipe_exits_2_before_any_check(tmp_path, capsys):
 def test_selfcheck_passes_on_cpu(tmp_path, processes):
     """The whole self-check with demo_cpu.yaml (tiny model), as a user runs it: plain python, and under
     accelerate launch with 2 CPU processes. Checks that need a GPU or DeepSpeed are skipped, not passed."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="1")
     launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
               "--num_cpu_threads_per_process", "1"] if processes == 2 else []
     cmd = [sys.executable, *launch, str(ROOT / "tools" / "selfcheck.py"), str(ROOT / "recipes" / "demo_cpu.yaml"),

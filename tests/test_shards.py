@@ -21,6 +21,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from torch.utils.data._utils import signal_handling
 
 from smog_scale.data.multicrop import CropSpec
 from smog_scale.data.shards import (
@@ -389,7 +390,7 @@ def test_workers_ignore_preemption_signals(tmp_path: Path, kind: str) -> None:
     before = _children()
     batches = iter(loader)
     # One batch from each worker (the DataLoader takes them in turn): both have run their init, which is where
-    # they start ignoring the signals; a signal before that is the worker's start-up, not this test's subject.
+    # they start ignoring the signals (a signal before that: the next test).
     keys = [k for _ in range(2) for k in next(batches)[-1 if kind == "eval" else "key"]]
     workers = _children() - before
     assert len(workers) == 2
@@ -398,6 +399,24 @@ def test_workers_ignore_preemption_signals(tmp_path: Path, kind: str) -> None:
         os.kill(worker, signal.SIGUSR1)
     time.sleep(0.5)
     keys += [k for batch in batches for k in (batch[-1] if kind == "eval" else batch["key"])]
+    assert len(keys) == 16 and len(set(keys)) == 16
+
+
+def test_a_preemption_signal_while_a_worker_starts_does_not_end_it(tmp_path: Path, monkeypatch) -> None:
+    """Each worker gets SIGTERM and SIGUSR1 right after torch installed its worker signal handlers, before its
+    ``worker_init_fn`` ignores them (a pre-emption at an epoch's start): the worker lives and the pass completes."""
+    install = signal_handling._set_worker_signal_handlers
+
+    def install_then_signal(*args) -> None:
+        install(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(signal_handling, "_set_worker_signal_handlers", install_then_signal)  # forked workers see it
+    loader = build_train_loader(write_shards(tmp_path / "sig", [4] * 4), crops=CROPS, batch_size=2, num_workers=2,
+                                seed=0, resampled=False)
+    with deadline(60):
+        keys = [k for batch in loader for k in batch["key"]]
     assert len(keys) == 16 and len(set(keys)) == 16
 
 

@@ -41,7 +41,7 @@ def shards(tmp_path_factory) -> Path:
 
 def launch(run: Path, shards: Path, *overrides: str, processes: int = 1, wait: bool = True):
     """``accelerate launch`` the trainer on CPU; returns the CompletedProcess (or the Popen)."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONUNBUFFERED="1")
     multi = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"] if processes > 1 \
         else ["--num_processes", "1"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_cpu_threads_per_process", "1",
@@ -150,7 +150,7 @@ def launch_deepspeed(run: Path, shards: Path, precision: str, *overrides: str, s
     DeepSpeed configs, the launch says gradient_accumulation_steps 1 (the recipe's value must win)."""
     pytest.importorskip("deepspeed")
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env.update(DS_ACCELERATOR="cpu")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
            "--gradient_accumulation_steps", "1", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", precision, "--dynamo_backend", "no",

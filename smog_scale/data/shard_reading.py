@@ -24,6 +24,7 @@ from smog_scale.data.shard_list import ShardError
 
 _log = logging.getLogger(__name__)
 _URL_BYTES = 1024  # per worker on the board; longer URLs are cut
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # pre-emption: the trainer's to handle, never a loader worker's
 
 
 class ShardOpenError(ShardError):
@@ -63,9 +64,14 @@ class ReadBoard:
 
     def init_worker(self, worker: int) -> None:
         """``worker_init_fn``: record the pid; ignore SIGTERM/SIGUSR1, since a cluster signals the whole
-        process group at pre-emption and the trainer, not its loader workers, decides when to stop."""
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        process group at pre-emption and the trainer, not its loader workers, decides when to stop.
+
+        The worker starts with them blocked (``ShardLoader``): one that arrived since the fork is pending,
+        and is dropped once ignored here, instead of ending the worker in torch's SIGTERM handler.
+        """
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         self._pids[worker] = os.getpid()
 
     def reading(self, url: str) -> Callable[[], None]:

@@ -13,9 +13,9 @@ Neither loader can spin or hang: ``max_consecutive_failures`` samples or shards 
 raise ``SampleFailures``; with worker processes, no batch within ``read_timeout_s`` raises
 ``ShardStallError`` naming the shard a worker is stuck reading (``shard_reading.ReadBoard``). Errors
 from a worker reach the caller as the same type with a one-line message. Workers ignore
-SIGTERM/SIGUSR1 (pre-emption is the trainer's to handle). Shard lists, manifests and the startup
-check are in ``shard_list``, opening and the failure guard in ``shard_reading``; this module is the
-package's entry point to all three.
+SIGTERM/SIGUSR1 from their start (pre-emption is the trainer's to handle). Shard lists, manifests and
+the startup check are in ``shard_list``, opening and the failure guard in ``shard_reading``; this
+module is the package's entry point to all three.
 
 Batch layout (dict)::
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import signal
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from smog_scale.data.shard_list import (
     shard_urls,
 )
 from smog_scale.data.shard_reading import (
+    STOP_SIGNALS,
     FailureGuard,
     ReadBoard,
     SampleFailures,
@@ -214,11 +216,17 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Any]:
         board = ReadBoard(self.num_workers)
-        batches = iter(torch.utils.data.DataLoader(
-            self._build(self.epoch, board), batch_size=None, shuffle=False, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, worker_init_fn=board.init_worker,
-            timeout=self.read_timeout_s if self.num_workers > 0 else 0,
-        ))
+        # The workers start here with the stop signals blocked (a blocked signal waits in this process, for
+        # its handler): before ``init_worker`` ignores them, torch's SIGTERM handler would end a worker.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            batches = iter(torch.utils.data.DataLoader(
+                self._build(self.epoch, board), batch_size=None, shuffle=False, num_workers=self.num_workers,
+                pin_memory=self.pin_memory, worker_init_fn=board.init_worker,
+                timeout=self.read_timeout_s if self.num_workers > 0 else 0,
+            ))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         while True:
             try:
                 batch = next(batches)
