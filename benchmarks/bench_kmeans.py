@@ -1,4 +1,4 @@
-"""Benchmark ``smog_scale.kmeans.fit`` against scikit-learn's KMeans and faiss's own k-means.
+"""Benchmark ``smog_scale.method.kmeans.fit`` against scikit-learn's KMeans and faiss's own k-means.
 
 The baseline is scikit-learn's KMeans with k-means++ initialization (what a naive port uses); faiss.Kmeans
 with its default random initialization and 20 iterations shows why initialization matters. Every method
@@ -25,7 +25,7 @@ variables that matter here:
   and falls back to its generic "Prescott" kernels (threadpoolctl shows it); faiss's flat search then
   runs 3-5x slower. ``OPENBLAS_CORETYPE=SKYLAKEX`` (AVX-512 CPUs only) fixes that; numpy's and
   scipy's newer OpenBLAS, which scikit-learn uses, pick SkylakeX on their own, so it leaves them alone.
-  Only the faiss row depends on it: on the CPU ``smog_scale.kmeans`` searches with torch's matmul.
+  Only the faiss row depends on it: on the CPU ``smog_scale.method.kmeans`` searches with torch's matmul.
   Some machines set ``OPENBLAS_CORETYPE`` (and ``OPENBLAS_L2_SIZE``) for every process, e.g. to
   ``Haswell``, which also moves numpy's OpenBLAS, and so scikit-learn, to AVX2 kernels. ``--blas unset``
   runs every subprocess with both removed, ``--blas both`` prints one table per setting; each row names
@@ -51,7 +51,7 @@ import numpy as np
 METHODS = {
     "sklearn": "scikit-learn k-means++",
     "faiss": "faiss random init, 20 it",
-    "smog_scale": "smog_scale.kmeans.fit",
+    "smog_scale": "smog_scale.method.kmeans.fit",
 }
 KINDS = ("uniform", "clustered", "dirichlet")
 # Environment variables that change these timings on a small shared machine (see the module docstring).
@@ -112,7 +112,7 @@ def load_method(method: str) -> Callable[[np.ndarray, int, int], tuple[np.ndarra
         return run_faiss
     import torch
 
-    from smog_scale.kmeans import fit
+    from smog_scale.method.kmeans import fit
 
     def run_smog_scale(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, int]:
         result = fit(torch.from_numpy(x), k, seed=seed)

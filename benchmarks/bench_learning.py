@@ -5,7 +5,7 @@
 
 (recipe overrides first: ``--seeds`` and ``--methods`` take every word after them)
 
-Data: ``python -m smog_scale.data.small`` (written under ``--data`` on first use): 32-px digits, 1,437 train
+Data: ``python -m smog_scale.data.synthetic.small`` (written under ``--data`` on first use): 32-px digits, 1,437 train
 and 360 held-out images of 10 classes on photo and texture patches. Every trained row goes through the
 user's pipeline: ``smog_scale/train.py recipes/small_32px.yaml`` on one CPU process (``model.objective=byol``
 for the control; ``key=value`` overrides go to every trained row), whose kNN monitor logs the online backbone's
@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 import simclr_reference  # noqa: E402  (benchmarks/, on sys.path as this script's folder)
 
-from smog_scale import config, evaluate  # noqa: E402
+from smog_scale.config import schema as config  # noqa: E402
 from smog_scale.data.shards import build_eval_loader  # noqa: E402
+from smog_scale.eval import evaluate
 from smog_scale.models.backbone import build_backbone  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "small_32px.yaml"
@@ -54,7 +55,7 @@ BN_BATCHES, BN_BATCH_SIZE = 5, 256  # the "random init, BN re-estimated" row: st
 def shards(data: Path) -> tuple[Path, Path]:
     train, val = data / "shards" / "train", data / "shards" / "val"
     if not (val / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "smog_scale.data.small", str(data)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "smog_scale.data.synthetic.small", str(data)], check=True, cwd=ROOT)
     return train, val
 
 

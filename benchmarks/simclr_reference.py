@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smog_scale import config, optim, schedules
+from smog_scale.config import schema as config
 from smog_scale.data.multicrop import MultiCrop, normalize
+from smog_scale.method import schedules
 from smog_scale.models.backbone import build_backbone
 from smog_scale.models.heads import projector
+from smog_scale.training import optim
 
 TEMPERATURE = 0.5  # SimCLR's CIFAR-10 value
 

@@ -22,16 +22,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from smog_scale import checkpoint, config, dist, memory, monitor, preflight, recipe_file, regrouping, run_dir
-from smog_scale.config import ConfigError
+from smog_scale import dist
+from smog_scale.config import preflight, recipe_file
+from smog_scale.config import schema as config
+from smog_scale.config.schema import ConfigError
 from smog_scale.data.shard_list import ShardError
 from smog_scale.data.shards import build_train_loader
-from smog_scale.engine import TrainState, train_step
-from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank
-from smog_scale.metrics import RunLog
+from smog_scale.launch import memory
+from smog_scale.method.feature_cache import FeatureCache
+from smog_scale.method.grouping import GroupBank
 from smog_scale.models.smog import SMoGModel
-from smog_scale.optim import build_optimizer
+from smog_scale.training import checkpoint, monitor, regrouping, run_dir
+from smog_scale.training.engine import TrainState, train_step
+from smog_scale.training.metrics import RunLog
+from smog_scale.training.optim import build_optimizer
 
 
 def make_accelerator(cfg: config.Config) -> Accelerator:

@@ -8,8 +8,9 @@ import torch
 from accelerate import Accelerator
 from test_train import ROOT, TINY
 
-from smog_scale import config, train
-from smog_scale.engine import TrainState
+from smog_scale import train
+from smog_scale.config import schema as config
+from smog_scale.training.engine import TrainState
 
 BATCH = 8  # images per micro-batch (and per rank)
 

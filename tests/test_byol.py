@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from test_train import ROOT, TINY, final_state, shards  # noqa: F401  (shards: module fixture)
 
 from smog_scale import train
-from smog_scale.export import export_timm
+from smog_scale.export.timm_export import export_timm
 
 RECIPE = ROOT / "recipes" / "demo_cpu.yaml"
 

@@ -9,9 +9,9 @@ from accelerate import Accelerator
 from gloo import run_on_ranks
 from safetensors.torch import save_file
 
-from smog_scale import checkpoint
-from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank
+from smog_scale.method.feature_cache import FeatureCache
+from smog_scale.method.grouping import GroupBank
+from smog_scale.training import checkpoint
 
 
 def make_parts(seed, dim_in=4, dim=3, cache_rows=8, pushed=6):

@@ -1,7 +1,7 @@
 import pytest
 
-from smog_scale import config
-from smog_scale.config import ConfigError
+from smog_scale.config import schema as config
+from smog_scale.config.schema import ConfigError
 
 
 @pytest.fixture

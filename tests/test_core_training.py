@@ -3,12 +3,12 @@
 import torch
 import torch.nn.functional as F
 
-from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank
-from smog_scale.kmeans import kmeans
-from smog_scale.metrics import assignment_health
+from smog_scale.method.feature_cache import FeatureCache
+from smog_scale.method.grouping import GroupBank
+from smog_scale.method.kmeans import kmeans
+from smog_scale.method.objectives import grouping_step
 from smog_scale.models.smog import SMoGModel
-from smog_scale.objectives import grouping_step
+from smog_scale.training.metrics import assignment_health
 
 
 def synthetic_images(n: int, num_classes: int = 8, size: int = 32, seed: int = 0):

@@ -10,8 +10,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from smog_scale.data.demo import SIDE_RANGE, class_names, main, write_demo
-from smog_scale.data.make_shards import ConvertOptions, convert
+from smog_scale.data.converter.make_shards import ConvertOptions, convert
+from smog_scale.data.synthetic.demo import SIDE_RANGE, class_names, main, write_demo
 
 
 def digests(root: Path) -> dict[str, str]:

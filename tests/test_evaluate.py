@@ -23,7 +23,7 @@ from helpers import summation_atol
 from PIL import Image
 
 from smog_scale.data.shards import build_eval_loader
-from smog_scale.evaluate import (
+from smog_scale.eval.evaluate import (
     LinearProbe,
     extract_features,
     group_assignments,
@@ -36,8 +36,8 @@ from smog_scale.evaluate import (
     shuffled_batches,
     train_linear_probe,
 )
-from smog_scale.export import export_timm
-from smog_scale.plots import plot_group_quality
+from smog_scale.eval.plots import plot_group_quality
+from smog_scale.export.timm_export import export_timm
 
 TOOLS = Path(__file__).parent.parent / "tools"
 

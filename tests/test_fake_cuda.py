@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from smog_scale import kmeans
-from smog_scale.accumulation import StepAccumulator
 from smog_scale.data.multicrop import normalize
-from smog_scale.engine import step_flags
-from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank, assign
-from smog_scale.metrics import assignment_health, cluster_size_health
+from smog_scale.method import kmeans
+from smog_scale.method.accumulation import StepAccumulator
+from smog_scale.method.feature_cache import FeatureCache
+from smog_scale.method.grouping import GroupBank, assign
+from smog_scale.method.objectives import byol_step, grouping_step
 from smog_scale.models.smog import SMoGModel
-from smog_scale.objectives import byol_step, grouping_step
+from smog_scale.training.engine import step_flags
+from smog_scale.training.metrics import assignment_health, cluster_size_health
 
 K, D, B = 8, 16, 4  # groups, feature dimension, images per view
 

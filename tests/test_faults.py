@@ -24,9 +24,11 @@ from test_checkpoint import make_parts
 from test_scale import ShardServer
 from test_train import ROOT, TINY, launch, records, shards  # noqa: F401  (shards: module fixture)
 
-from smog_scale import checkpoint, config, train
+from smog_scale import train
+from smog_scale.config import schema as config
 from smog_scale.data.multicrop import CropSpec
 from smog_scale.data.shards import ShardOpenError, build_train_loader
+from smog_scale.training import checkpoint
 
 CROPS = (CropSpec(size=16, count=2),)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from smog_scale.feature_cache import FeatureCache
+from smog_scale.method.feature_cache import FeatureCache
 
 
 def test_fills_then_wraps_keeping_the_last_pushed_rows():

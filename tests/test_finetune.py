@@ -18,13 +18,13 @@ import webdataset as wds
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from smog_scale import finetune as finetune_module
-from smog_scale.data.demo import write_demo
-from smog_scale.data.make_shards import ConvertOptions, convert
+from smog_scale.data.converter.make_shards import ConvertOptions, convert
 from smog_scale.data.shards import read_manifest, shard_urls
 from smog_scale.data.subset import balanced_subset, list_samples, subset_from_names, write_subset_shards
-from smog_scale.export import export_timm
-from smog_scale.finetune import Classifier, batch_loss
+from smog_scale.data.synthetic.demo import write_demo
+from smog_scale.eval import finetune as finetune_module
+from smog_scale.eval.finetune import Classifier, batch_loss
+from smog_scale.export.timm_export import export_timm
 from smog_scale.models.backbone import build_backbone
 
 ROOT = Path(__file__).parent.parent

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_argmax_up_to_rounding, summation_atol
 
-from smog_scale.grouping import (
+from smog_scale.method.grouping import (
     UPDATES,
     GroupBank,
     assign,

@@ -1,4 +1,4 @@
-"""Tests for smog_scale.kmeans: spherical k-means over the union of all ranks' caches (docs/method.md
+"""Tests for smog_scale.method.kmeans: spherical k-means over the union of all ranks' caches (docs/method.md
 "Periodic re-grouping", step 1)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from smog_scale import dist
-from smog_scale import kmeans as kmeans_module
-from smog_scale.kmeans import fit, kmeans
+from smog_scale.method import kmeans as kmeans_module
+from smog_scale.method.kmeans import fit, kmeans
 
 DIM, K = 32, 30
 RANK_ROWS = (1700, 1300)  # two ranks with different cache sizes; 3000 rows in the union

@@ -16,7 +16,7 @@ import pytest
 import test_train
 from test_train import ROOT, TINY, records
 
-from smog_scale import launch
+from smog_scale.launch import supervisor as launch
 
 shards = test_train.shards  # the module-scoped demo shards
 
@@ -32,7 +32,7 @@ def test_catches_reads_the_installed_handler():
 
 
 def test_console_script_points_at_the_supervisor():
-    assert 'smog-launch = "smog_scale.launch:main"' in (ROOT / "pyproject.toml").read_text().splitlines()
+    assert 'smog-launch = "smog_scale.launch.supervisor:main"' in (ROOT / "pyproject.toml").read_text().splitlines()
 
 
 def fake_slurm(bin_dir: Path) -> dict[str, str]:

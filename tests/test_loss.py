@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from helpers import summation_atol
 
-from smog_scale.loss import byol_loss, group_contrast_loss
+from smog_scale.method.loss import byol_loss, group_contrast_loss
 
 
 def reference_loss(preds, labels, groups, tau):

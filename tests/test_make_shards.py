@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smog_scale.data import make_shards
-from smog_scale.data.make_shards import PROGRESS_DIR, ConvertOptions, convert, main, plan_shards
-from smog_scale.data.sources import ConversionError, InputImage, scan_source
+from smog_scale.data.converter import make_shards
+from smog_scale.data.converter.make_shards import PROGRESS_DIR, ConvertOptions, convert, main, plan_shards
+from smog_scale.data.converter.sources import ConversionError, InputImage, scan_source
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST_KEYS = {"format", "tool_version", "shards", "num_samples", "classes", "options", "skipped", "report"}
@@ -391,7 +391,7 @@ def test_tool_script_converts_with_worker_processes(tmp_path: Path) -> None:
 
 KILL_ON_SEVENTH_IMAGE = """
 import os, signal, sys
-from smog_scale.data import make_shards
+from smog_scale.data.converter import make_shards
 real_encode, calls = make_shards.encode_jpeg, []
 def encode_or_die(data, max_side=None):
     calls.append(1)
@@ -430,7 +430,7 @@ def test_output_inside_the_source_is_refused(tmp_path: Path, capsys: pytest.Capt
 
 KILL_ON_ONE_INPUT = """
 import os, signal, sys
-from smog_scale.data import make_shards
+from smog_scale.data.converter import make_shards
 target, real_encode = open(os.environ["KILL_ON"], "rb").read(), make_shards.encode_jpeg
 def encode_or_die(data, max_side=None):
     if data == target:  # in a worker process: as the out-of-memory killer does

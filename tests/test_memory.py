@@ -1,4 +1,4 @@
-"""Memory estimates (smog_scale/memory.py, tools/memory.py) and the one-line CUDA out-of-memory error."""
+"""Memory estimates (smog_scale/launch/memory.py, tools/memory.py) and the one-line CUDA out-of-memory error."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from accelerate.state import AcceleratorState
 from test_train import ROOT, TINY
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from smog_scale import config, memory, train
+from smog_scale import train
+from smog_scale.config import schema as config
 from smog_scale.data.multicrop import normalize
+from smog_scale.launch import memory
 from smog_scale.models.smog import SMoGModel
-from smog_scale.optim import build_optimizer
+from smog_scale.training.optim import build_optimizer
 
 shards = test_train.shards  # the module-scoped demo shards
 # A ResNet-18 at 64 px with one crop size (torch's MemTracker cannot follow a module called twice a step).

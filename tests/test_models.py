@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from smog_scale import momentum
+from smog_scale.models import momentum
 from smog_scale.models.backbone import build_backbone
 from smog_scale.models.smog import SMoGModel
 

@@ -3,9 +3,9 @@ import torch
 from helpers import EPS32, summation_atol
 from torch import nn
 
-from smog_scale.config import OptimConfig
+from smog_scale.config.schema import OptimConfig
 from smog_scale.models.smog import SMoGModel
-from smog_scale.optim import build_optimizer, param_groups
+from smog_scale.training.optim import build_optimizer, param_groups
 
 # A two-stage Swin at 32 px: the same timm class (and no_weight_decay()) as the Swin-T recipes.
 TINY_SWIN = {"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "img_size": 32, "window_size": 4,

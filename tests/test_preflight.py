@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from smog_scale import config, preflight
-from smog_scale.config import Config, ConfigError
+from smog_scale.config import preflight
+from smog_scale.config import schema as config
+from smog_scale.config.schema import Config, ConfigError
 
 DERIVED = config.Derived(world_size=2, batch_size_per_device=16, num_samples=640, steps_per_epoch=10,
                          total_steps=40, warmup_steps=10, scaled_lr=0.0375, cache_size_per_device=32768)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from smog_scale import config
-from smog_scale.config import ConfigError
+from smog_scale.config import schema as config
+from smog_scale.config.schema import ConfigError
 from smog_scale.models.smog import SMoGModel
 
 ROOT = Path(__file__).parent.parent / "recipes"

@@ -10,9 +10,11 @@ import torch
 from steps import BATCH, synthetic_batch, tiny_state
 from test_train import ROOT, TINY, shards  # noqa: F401  (shards: module fixture)
 
-from smog_scale import config, regrouping, train
-from smog_scale.engine import TrainState, train_step
-from smog_scale.plots import plot_training_curves
+from smog_scale import train
+from smog_scale.config import schema as config
+from smog_scale.eval.plots import plot_training_curves
+from smog_scale.training import regrouping
+from smog_scale.training.engine import TrainState, train_step
 
 
 class Log:

@@ -23,10 +23,12 @@ from accelerate import Accelerator
 from gloo import run_on_ranks
 from test_train import ROOT, TINY, shards  # noqa: F401  (shards: module fixture)
 
-from smog_scale import checkpoint, config, monitor, run_dir, train
-from smog_scale.config import ConfigError
-from smog_scale.export import resolve_checkpoint
-from smog_scale.run_dir import RunLock
+from smog_scale import train
+from smog_scale.config import schema as config
+from smog_scale.config.schema import ConfigError
+from smog_scale.export.timm_export import resolve_checkpoint
+from smog_scale.training import checkpoint, monitor, run_dir
+from smog_scale.training.run_dir import RunLock
 
 RECIPE = ROOT / "recipes" / "demo_cpu.yaml"
 
@@ -170,7 +172,7 @@ def test_every_checkpoint_holds_its_recipe_and_exports_read_it(run):
 
 def _hold(folder: Path) -> subprocess.Popen:
     """Another job's main process holding the run folder's lock."""
-    code = ("import sys, time; from pathlib import Path; from smog_scale.run_dir import RunLock; "
+    code = ("import sys, time; from pathlib import Path; from smog_scale.training.run_dir import RunLock; "
             "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))

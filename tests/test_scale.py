@@ -17,10 +17,13 @@ import torch
 import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file
-
-from smog_scale import checkpoint, config, dist, schedules, train
-from smog_scale.data.shards import build_train_loader
 from test_train import ROOT, TINY, launch, records, shards  # noqa: F401  (shards: module fixture)
+
+from smog_scale import dist, train
+from smog_scale.config import schema as config
+from smog_scale.data.shards import build_train_loader
+from smog_scale.method import schedules
+from smog_scale.training import checkpoint
 
 RECIPE = ROOT / "recipes" / "demo_cpu.yaml"
 SHARD_NAMES = "shard-{000000..000007}.tar"  # the 8 demo shards of 10 images (test_train.shards)

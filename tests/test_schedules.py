@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from smog_scale import schedules
+from smog_scale.method import schedules
 
 
 def test_ema_momentum_cosine_from_start_to_one():

@@ -10,9 +10,10 @@ import sys
 import pytest
 from test_train import ROOT, TINY
 
-from smog_scale import config, selfcheck
-from smog_scale.selfcheck import Context
-from smog_scale.selfcheck_runner import Check, Failed, Skipped, run_checks, table
+from smog_scale.config import schema as config
+from smog_scale.launch import selfcheck
+from smog_scale.launch.selfcheck import Context
+from smog_scale.launch.selfcheck_runner import Check, Failed, Skipped, run_checks, table
 
 # TINY's run settings are the self-check's own; the model, crops and loader stay tiny.
 TINY_MODEL = [o for o in TINY if o.startswith(("model.", "data.crops", "data.num_workers"))]

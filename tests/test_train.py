@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from smog_scale.data.demo import write_demo
-from smog_scale.data.make_shards import ConvertOptions, convert
-from smog_scale.export import export_timm
+from smog_scale.data.converter.make_shards import ConvertOptions, convert
+from smog_scale.data.synthetic.demo import write_demo
+from smog_scale.export.timm_export import export_timm
 
 ROOT = Path(__file__).parent.parent
 TRAIN = ROOT / "smog_scale" / "train.py"

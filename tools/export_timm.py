@@ -41,8 +41,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from smog_scale.convert import FORMATS, FormatError
-from smog_scale.export import CHECK_TOLERANCE, CheckpointError, export_timm
+from smog_scale.export.convert import FORMATS, FormatError
+from smog_scale.export.timm_export import CHECK_TOLERANCE, CheckpointError, export_timm
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,8 +41,7 @@ from accelerate import Accelerator
 
 from smog_scale import dist
 from smog_scale.data.shards import ShardOpenError, check_shards, read_manifest
-from smog_scale.export import CheckpointError, load_eval_backbone
-from smog_scale.finetune import (
+from smog_scale.eval.finetune import (
     Classifier,
     MainProcessFailed,
     Settings,
@@ -51,6 +50,7 @@ from smog_scale.finetune import (
     prepare_subset,
     subset_loader,
 )
+from smog_scale.export.timm_export import CheckpointError, load_eval_backbone
 
 
 def _fraction(text: str) -> float:

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 
 from smog_scale import dist
 from smog_scale.data.shards import ShardError, build_train_loader, check_shards, read_manifest
-from smog_scale.evaluate import (
+from smog_scale.eval.evaluate import (
     Batches,
     LinearProbe,
     backbone_batches,
@@ -38,7 +38,7 @@ from smog_scale.evaluate import (
     shuffled_batches,
     train_linear_probe,
 )
-from smog_scale.export import CheckpointError, EvalBackbone, load_eval_backbone
+from smog_scale.export.timm_export import CheckpointError, EvalBackbone, load_eval_backbone
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 
 Builds the recipe's networks on fake CUDA tensors (no GPU, no memory used), counts the activations
 saved for backward at the per-device batch of each launch size, and adds weights, gradients, DDP
-buckets and optimizer state (smog_scale/memory.py says what is counted). Exit code 2 on a bad recipe
+buckets and optimizer state (smog_scale/launch/memory.py says what is counted). Exit code 2 on a bad recipe
 or a global batch that does not split over the processes.
 """
 
@@ -13,8 +13,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from smog_scale import config, memory
-from smog_scale.config import ConfigError
+from smog_scale.config import schema as config
+from smog_scale.config.schema import ConfigError
+from smog_scale.launch import memory
 
 
 def main(argv: Sequence[str] | None = None) -> int:

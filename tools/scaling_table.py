@@ -1,7 +1,7 @@
 """The grouping's memory and traffic at scale, on paper: ``python tools/scaling_table.py [--recipe R] [--worlds W]``.
 
 Prints Markdown tables of what the feature cache, the periodic k-means (``gather`` vs ``sharded``,
-as ``smog_scale.kmeans`` implements them) and the per-step group update cost per rank, as functions
+as ``smog_scale.method.kmeans`` implements them) and the per-step group update cost per rank, as functions
 of the world size W, the cache union U (``grouping.cache_size``: each rank keeps C = U // W rows), K
 groups and D dimensions, then the world size past which ``sharded`` moves less data and whether
 ``gather``'s union fits the memory budget (the same at any W: the union does not grow with it).
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from smog_scale import config
+from smog_scale.config import schema as config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,7 +153,7 @@ def trainable_params(cfg: config.Config) -> int | None:
 
 
 def setup_from(cfg: config.Config) -> Setup:
-    from smog_scale import kmeans
+    from smog_scale.method import kmeans
 
     g = cfg.grouping
     return Setup(num_groups=g.num_groups, dim=cfg.model.proj_dim, cache_union=g.cache_size, kmeans_iters=g.kmeans_iters,

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import nn
 
-from smog_scale import momentum
+from smog_scale.models import momentum
 from smog_scale.models.backbone import build_backbone
 from smog_scale.models.heads import predictor, projector
 

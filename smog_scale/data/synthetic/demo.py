@@ -1,6 +1,6 @@
 """A small labelled image set made only from images that ship in installable packages: no download.
 
-``python -m smog_scale.data.demo OUT_DIR`` writes ``OUT_DIR/train/<class>/*.JPEG`` and a held-out
+``python -m smog_scale.data.synthetic.demo OUT_DIR`` writes ``OUT_DIR/train/<class>/*.JPEG`` and a held-out
 ``OUT_DIR/val/<class>/*.JPEG`` (with ``--flat-val``: ``OUT_DIR/val/*.JPEG`` plus
 ``OUT_DIR/LOC_val_solution.csv``, the way ImageNet's validation set comes). Ten classes, JPEGs with
 a longer side of 160-400 px, a few seconds to write, identical for the same seed:
@@ -194,8 +194,9 @@ def _write_flat_val(out_dir: Path, labelled: list[tuple[str, Image.Image]], rng:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m smog_scale.data.demo OUT_DIR [--train-per-class N] [--val-per-class N] [--seed S]``."""
-    parser = argparse.ArgumentParser(prog="python -m smog_scale.data.demo", description=__doc__.split("\n")[0])
+    """``python -m smog_scale.data.synthetic.demo OUT_DIR [--train-per-class N] [--val-per-class N] [--seed S]``."""
+    parser = argparse.ArgumentParser(prog="python -m smog_scale.data.synthetic.demo",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="gets train/ and val/")
     parser.add_argument("--train-per-class", type=int, default=32, metavar="N", help="default: 32")
     parser.add_argument("--val-per-class", type=int, default=8, metavar="N", help="default: 8")

@@ -1,5 +1,5 @@
 """Reading recipe files: YAML with the float forms people type, one-line syntax errors, ``base:`` recipes and
-``dotted.key=value`` overrides. ``smog_scale.config`` turns what this reads into the validated schema."""
+``dotted.key=value`` overrides. ``smog_scale.config.schema`` turns what this reads into the validated schema."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # the shipped recipes (a source checkout)
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"  # the shipped recipes (a source checkout)
 
 
 class ConfigError(ValueError):

@@ -37,7 +37,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from smog_scale import config
+from smog_scale.config import schema as config
 from smog_scale.models.smog import SMoGModel
 
 Precision = Literal["no", "bf16", "fp16"]

@@ -4,7 +4,7 @@ then the optimizer step and the step's commit.
 Data flow (docs/method.md "One training step"): labels from the momentum features with the OLD
 groups, assignment of the online global views with the OLD groups, synchronous update to G', group
 contrast loss against G'. Each micro-batch backpropagates; the last one of an optimizer step steps the
-optimizer and, unless the step was skipped, commits G and the cache pushes (``smog_scale.accumulation``)
+optimizer and, unless the step was skipped, commits G and the cache pushes (``smog_scale.method.accumulation``)
 and the momentum EMA.
 """
 
@@ -18,15 +18,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 
-from smog_scale import dist, schedules
-from smog_scale.accumulation import StepAccumulator
-from smog_scale.config import Config, Derived
+from smog_scale import dist
+from smog_scale.config.schema import Config, Derived
 from smog_scale.data.multicrop import normalize
-from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank
-from smog_scale.metrics import assignment_health
-from smog_scale.objectives import GroupingStep, objective_step
-from smog_scale.optim import set_learning_rate
+from smog_scale.method import schedules
+from smog_scale.method.accumulation import StepAccumulator
+from smog_scale.method.feature_cache import FeatureCache
+from smog_scale.method.grouping import GroupBank
+from smog_scale.method.objectives import GroupingStep, objective_step
+from smog_scale.training.metrics import assignment_health
+from smog_scale.training.optim import set_learning_rate
 
 
 @dataclass

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 
 import torch
 
-from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank, GroupStatistics, Update, merge_statistics, updated_groups
+from smog_scale.method.feature_cache import FeatureCache
+from smog_scale.method.grouping import GroupBank, GroupStatistics, Update, merge_statistics, updated_groups
 
 
 class StepAccumulator:

@@ -2,7 +2,7 @@
 
 Each check returns its detail or raises ``Skipped`` / ``Failed``; a check that needs one that did not
 pass is skipped; every rank ends with the same rows ``{"check", "ok", "seconds", "detail"}`` (``ok``:
-true, false, or null when skipped). ``smog_scale/selfcheck.py`` holds the checks themselves.
+true, false, or null when skipped). ``smog_scale/launch/selfcheck.py`` holds the checks themselves.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from smog_scale.config import Config
-from smog_scale.grouping import GroupBank, GroupStatistics, Update, assign, group_update
-from smog_scale.loss import byol_loss, group_contrast_loss, pair_weights
+from smog_scale.config.schema import Config
+from smog_scale.method.grouping import GroupBank, GroupStatistics, Update, assign, group_update
+from smog_scale.method.loss import byol_loss, group_contrast_loss, pair_weights
 from smog_scale.models.smog import SMoGOutput
 
 
@@ -39,7 +39,7 @@ def grouping_step(
     group-update rule and ``updates`` [K] the groups' update counts (the averaging rule's; ``GroupBank.updates``).
 
     With gradient accumulation this runs once per micro-batch against the same G (the step's G is
-    committed only at its end, from every micro-batch's ``stats``: ``smog_scale.accumulation``).
+    committed only at its end, from every micro-batch's ``stats``: ``smog_scale.method.accumulation``).
     The loss here uses this micro-batch's own partial update g'_j = beta * g + (1 - beta) * mean_j, where one
     process on the whole global batch would use the mean over all micro-batches: g'_j - g' = (1 - beta) *
     (mean_j - mean), so the loss and its gradient differ by a term of order 1 - beta (zero at beta = 1, where

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from smog_scale import dist, schedules
+from smog_scale import dist
 from smog_scale.data.multicrop import normalize
 from smog_scale.data.shards import (
     MANIFEST_NAME,
@@ -47,7 +47,8 @@ from smog_scale.data.subset import (
     subset_from_names,
     write_subset_shards,
 )
-from smog_scale.evaluate import TOPK, extract_features, probe_train_crop, topk_correct
+from smog_scale.eval.evaluate import TOPK, extract_features, probe_train_crop, topk_correct
+from smog_scale.method import schedules
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SUBSET_DIR = "subset"

@@ -15,7 +15,7 @@ and ``config.json`` in timm's hub format plus a ``smog`` section (recipe, step, 
 ``timm.create_model("local-dir:OUT_DIR", pretrained=True, num_classes=0)`` load it. ``resnet50x2`` /
 ``resnet50x4`` need ``import smog_scale`` first (it registers them with timm). For detection and
 segmentation a ResNet backbone is also written for torchvision (and mmdetection / mmsegmentation) and
-for detectron2 (:mod:`smog_scale.convert`).
+for detectron2 (:mod:`smog_scale.export.convert`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from smog_scale import checkpoint, convert
-from smog_scale.config import ModelConfig
+from smog_scale.config.schema import ModelConfig
 from smog_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from smog_scale.export import convert
 from smog_scale.models.backbone import build_backbone  # also registers resnet50x2 / resnet50x4
 from smog_scale.models.smog import SMoGModel
+from smog_scale.training import checkpoint
 
 Encoder = Literal["online", "momentum"]
 CHECK_TOLERANCE = 1e-5  # max abs feature difference allowed between the export and the training backbone
@@ -242,7 +243,7 @@ def export_timm(source: str | Path, out_dir: str | Path, which: Encoder = "onlin
     """Write the backbone in each of ``formats`` into ``OUT_DIR``, reload every file and compare.
 
     ``timm``: ``model.safetensors`` and ``config.json``; ``torchvision``: ``torchvision.pth``;
-    ``detectron2``: ``detectron2.pkl`` and ``detectron2.yaml`` (see :mod:`smog_scale.convert`). A format
+    ``detectron2``: ``detectron2.pkl`` and ``detectron2.yaml`` (see :mod:`smog_scale.export.convert`). A format
     the backbone cannot take fails (:class:`convert.FormatError`) before anything is written. The files
     are written into ``OUT_DIR/.tmp-export`` and moved into place only after every self-check passed:
     timm and torchvision reload the file and give features within ``CHECK_TOLERANCE`` on a random batch

@@ -31,8 +31,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from smog_scale import dist
-from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank
+from smog_scale.method.feature_cache import FeatureCache
+from smog_scale.method.grouping import GroupBank
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"

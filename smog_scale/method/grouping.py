@@ -154,7 +154,7 @@ def updated_groups(
     - ``random_select``: g'_k = the picked member's feature (the whole gradient reaches that member).
 
     The one place the group update lives: the loss's partial update and the commit of an optimizer step
-    (``smog_scale.accumulation``) both call it.
+    (``smog_scale.method.accumulation``) both call it.
     """
     groups = groups.to(stats.sums.dtype)
     members = (stats.counts > 0).unsqueeze(1)

@@ -24,8 +24,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from smog_scale import checkpoint, config, dist, preflight
-from smog_scale.config import Config, ConfigError, Derived
+from smog_scale import dist
+from smog_scale.config import preflight
+from smog_scale.config import schema as config
+from smog_scale.config.schema import Config, ConfigError, Derived
+from smog_scale.training import checkpoint
 
 LOCK_NAME = "job.lock"
 HEARTBEAT_S = 15.0  # the holder refreshes the lock's mtime this often

@@ -16,9 +16,10 @@ from typing import Any
 import yaml
 from accelerate.tracking import get_available_trackers
 
-from smog_scale import checkpoint, config
-from smog_scale.config import Config, ConfigError, Derived
+from smog_scale.config import schema as config
+from smog_scale.config.schema import Config, ConfigError, Derived
 from smog_scale.data.shards import check_shards, count_samples
+from smog_scale.training import checkpoint
 
 # Keys that may differ between a checkpoint's recipe and the recipe resuming it, each with the reason.
 # Every other key, including any key added to the schema later, must match: a new key is refused on

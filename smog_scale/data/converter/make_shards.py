@@ -1,7 +1,7 @@
 """Convert an ImageNet-style image collection into shuffled WebDataset tar shards with a manifest.
 
 ``smog-make-shards SOURCE OUTPUT_DIR`` (or ``tools/make_shards.py``) reads any layout that
-``smog_scale.data.sources`` detects and writes ``PREFIX-000000.tar, ...``, each sample holding
+``smog_scale.data.converter.sources`` detects and writes ``PREFIX-000000.tar, ...``, each sample holding
 ``__key__``, ``jpg`` (the original bytes, re-encoded only when they are not an RGB JPEG or exceed
 ``--max-side``) and ``cls`` (the class index as ASCII), plus ``classes.txt``, ``report.json`` and,
 last, ``manifest.json``, whose schema the training pipeline reads::
@@ -38,8 +38,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from smog_scale import __version__
-from smog_scale.data import worker_pool
-from smog_scale.data.sources import ConversionError, InputImage, Inventory, read_class_list, scan_source
+from smog_scale.data.converter import worker_pool
+from smog_scale.data.converter.sources import ConversionError, InputImage, Inventory, read_class_list, scan_source
 
 JPEG_QUALITY = 95
 MANIFEST_FORMAT = 1

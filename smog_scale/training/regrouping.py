@@ -9,14 +9,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from smog_scale import config, dist
-from smog_scale.config import Config, Derived, GroupingConfig
-from smog_scale.grouping import assign
-from smog_scale.kmeans import fit as kmeans_fit
-from smog_scale.metrics import RunLog, label_churn
+from smog_scale import dist
+from smog_scale.config import schema as config
+from smog_scale.config.schema import Config, Derived, GroupingConfig
+from smog_scale.method.grouping import assign
+from smog_scale.method.kmeans import fit as kmeans_fit
+from smog_scale.training.metrics import RunLog, label_churn
 
 if TYPE_CHECKING:
-    from smog_scale.engine import TrainState
+    from smog_scale.training.engine import TrainState
 
 
 def rows_needed(cfg: Config, derived: Derived) -> int:

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from smog_scale import dist, evaluate
+from smog_scale import dist
 from smog_scale.data.shards import build_eval_loader
-from smog_scale.engine import TrainState
-from smog_scale.metrics import RunLog
+from smog_scale.eval import evaluate
+from smog_scale.training.engine import TrainState
+from smog_scale.training.metrics import RunLog
 
 
 class _Guarded:

@@ -1,6 +1,6 @@
 """A small labelled set for checking that a method learns in minutes: 32-px digits with strong nuisances.
 
-``python -m smog_scale.data.small OUT_DIR`` writes ``OUT_DIR/images/{train,val}/digit_<d>/*.jpg``
+``python -m smog_scale.data.synthetic.small OUT_DIR`` writes ``OUT_DIR/images/{train,val}/digit_<d>/*.jpg``
 (an ImageFolder) and converts both splits with the project's converter into ``OUT_DIR/shards/train``
 and ``OUT_DIR/shards/val`` (the val shards index classes by the train shards' ``classes.txt``).
 Nothing is downloaded; a few seconds to write; identical bytes for the same seed.
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from smog_scale.data.demo import PHOTOS, TEXTURES, shift_colours
-from smog_scale.data.make_shards import ConvertOptions, convert
+from smog_scale.data.converter.make_shards import ConvertOptions, convert
+from smog_scale.data.synthetic.demo import PHOTOS, TEXTURES, shift_colours
 
 SPLITS = ("train", "val")
 VAL_FRACTION = 0.2  # 1,797 digits -> 1,437 train + 360 val
@@ -153,8 +153,9 @@ def write_small(out_dir: Path, seed: int = 0, size: int = 32) -> SmallSummary:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m smog_scale.data.small OUT_DIR [--seed S] [--size PX]``."""
-    parser = argparse.ArgumentParser(prog="python -m smog_scale.data.small", description=__doc__.split("\n")[0])
+    """``python -m smog_scale.data.synthetic.small OUT_DIR [--seed S] [--size PX]``."""
+    parser = argparse.ArgumentParser(prog="python -m smog_scale.data.synthetic.small",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="gets images/{train,val} and shards/{train,val}")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="default: 0")
     parser.add_argument("--size", type=int, default=32, metavar="PX", help="image side (default: 32)")

@@ -8,7 +8,7 @@ import torch
 from timm.optim import Lars, param_groups_weight_decay
 from torch import nn
 
-from smog_scale.config import OptimConfig
+from smog_scale.config.schema import OptimConfig
 
 
 def no_weight_decay_patterns(model: nn.Module) -> set[str]:

@@ -28,11 +28,12 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from smog_scale import dist, schedules
+from smog_scale import dist
 from smog_scale.data.multicrop import CropSpec, normalize
 from smog_scale.data.shards import build_eval_loader
-from smog_scale.grouping import assign
-from smog_scale.metrics import group_entropy
+from smog_scale.method import schedules
+from smog_scale.method.grouping import assign
+from smog_scale.training.metrics import group_entropy
 
 KNN_K = 20  # neighbours (InstDisc, DINO)
 KNN_TEMPERATURE = 0.07  # vote weights exp(cos / T) (InstDisc, DINO)

@@ -42,16 +42,19 @@ from accelerate import PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, parse_flag_from_env
 
-from smog_scale import config, kmeans, memory, train
-from smog_scale.config import ConfigError
-from smog_scale.data.demo import write_demo
-from smog_scale.data.make_shards import ConvertOptions, convert
-from smog_scale.selfcheck_runner import Check, Failed, Skipped, run_checks, table
+from smog_scale import train
+from smog_scale.config import schema as config
+from smog_scale.config.schema import ConfigError
+from smog_scale.data.converter.make_shards import ConvertOptions, convert
+from smog_scale.data.synthetic.demo import write_demo
+from smog_scale.launch import memory
+from smog_scale.launch.selfcheck_runner import Check, Failed, Skipped, run_checks, table
+from smog_scale.method import kmeans
 
 STEPS = 4  # the first run; re-grouping every 2 steps, so k-means runs twice
 BATCH_PER_DEVICE = 8  # for every run but the full-batch one
 PREEMPT_WINDOW = 50  # steps the pre-emption run may take; a signal that does not stop it fails the check
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The recipe schema: nested dataclasses loaded from YAML (``smog_scale.recipe_file``) plus dotted overrides,
+"""The recipe schema: nested dataclasses loaded from YAML (``smog_scale.config.recipe_file``) plus dotted overrides,
 validated once.
 
 Every field's comment gives its source or recommended range and how it fails. Errors are
@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from accelerate.utils import LoggerType
 
-from smog_scale.recipe_file import ConfigError, parse_override, read_recipe
+from smog_scale.config.recipe_file import ConfigError, parse_override, read_recipe
 
 
 @dataclass(frozen=True)

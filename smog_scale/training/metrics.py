@@ -15,11 +15,11 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 
 from smog_scale import dist
-from smog_scale.config import flatten
-from smog_scale.config import to_dict as config_dict
+from smog_scale.config.schema import flatten
+from smog_scale.config.schema import to_dict as config_dict
 
 if TYPE_CHECKING:
-    from smog_scale.engine import TrainState
+    from smog_scale.training.engine import TrainState
 
 
 def assignment_health(counts: torch.Tensor) -> dict[str, torch.Tensor]:
