@@ -5,7 +5,7 @@
 
 (recipe overrides first: ``--seeds`` and ``--methods`` take every word after them)
 
-Data: ``python -m smog_scale.data.synthetic.small`` (written under ``--data`` on first use): 32-px digits, 1,437 train
+Data: ``python -m smog_scale.data.synthetic.digits32`` (written under ``--data`` on first use): 32-px digits, 1,437 train
 and 360 held-out images of 10 classes on photo and texture patches. Every trained row goes through the
 user's pipeline: ``smog_scale/train.py recipes/small_32px.yaml`` on one CPU process (``model.objective=byol``
 for the control; ``key=value`` overrides go to every trained row), whose kNN monitor logs the online backbone's
@@ -55,7 +55,7 @@ BN_BATCHES, BN_BATCH_SIZE = 5, 256  # the "random init, BN re-estimated" row: st
 def shards(data: Path) -> tuple[Path, Path]:
     train, val = data / "shards" / "train", data / "shards" / "val"
     if not (val / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "smog_scale.data.synthetic.small", str(data)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "smog_scale.data.synthetic.digits32", str(data)], check=True, cwd=ROOT)
     return train, val
 
 

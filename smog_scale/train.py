@@ -28,14 +28,14 @@ from smog_scale.config import schema as config
 from smog_scale.config.schema import ConfigError
 from smog_scale.data.shard_list import ShardError
 from smog_scale.data.shards import build_train_loader
-from smog_scale.launch import memory
+from smog_scale.launch import memory_estimate
 from smog_scale.method.feature_cache import FeatureCache
 from smog_scale.method.grouping import GroupBank
 from smog_scale.models.smog import SMoGModel
 from smog_scale.training import checkpoint, monitor, regrouping, run_dir
-from smog_scale.training.engine import TrainState, train_step
 from smog_scale.training.metrics import RunLog
 from smog_scale.training.optim import build_optimizer
+from smog_scale.training.step import TrainState, train_step
 
 
 def make_accelerator(cfg: config.Config) -> Accelerator:
@@ -176,12 +176,12 @@ def run_training(state: TrainState, run: run_dir.Run) -> int:
         # SIGTERM (pre-emption), and at exit multiprocessing would SIGTERM them and wait forever.
         traceback.clear_frames(err.__traceback__)
         gc.collect()
-        if isinstance(err, (ShardError, checkpoint.CheckpointError)):  # the message names the culprit;
+        if isinstance(err, (ShardError, checkpoint.CheckpointSaveError)):  # the message names the culprit;
             # from a loader worker it ends a copy of the worker's traceback, whose last line is the error
             print(f"smog_scale: error: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
             return 1
         if isinstance(err, torch.cuda.OutOfMemoryError):  # one line: the keys that lower the per-device batch
-            advice = memory.oom_advice(state.cfg, state.derived, state.global_step)
+            advice = memory_estimate.oom_advice(state.cfg, state.derived, state.global_step)
             print(f"smog_scale: error: {advice}", file=sys.stderr)
             return 1
         raise

@@ -10,7 +10,7 @@ from test_train import ROOT, TINY
 
 from smog_scale import train
 from smog_scale.config import schema as config
-from smog_scale.training.engine import TrainState
+from smog_scale.training.step import TrainState
 
 BATCH = 8  # images per micro-batch (and per rank)
 

@@ -170,7 +170,7 @@ def _save_failing(rank, world):
         try:
             checkpoint.save(accelerator, out, 1, bank, cache, {"global_step": 1}, keep_last=1)
             errors[phase] = ""
-        except checkpoint.CheckpointError as err:
+        except checkpoint.CheckpointSaveError as err:
             errors[phase] = str(err)
         setattr(checkpoint, name, real)
     return {"rank": accelerator.process_index, "errors": errors}
@@ -178,7 +178,7 @@ def _save_failing(rank, world):
 
 @pytest.mark.slow
 def test_a_failed_save_on_one_rank_leaves_no_rank_waiting():
-    """Every rank raises CheckpointError (main() ends each with one line), none waits at a barrier."""
+    """Every rank raises CheckpointSaveError (main() ends each with one line), none waits at a barrier."""
     results = run_on_ranks(_save_failing, 2)
     assert [r["rank"] for r in results] == [0, 1]
     for phase, (culprit, _, error) in FAILURES.items():

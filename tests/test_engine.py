@@ -14,7 +14,7 @@ from steps import BATCH, synthetic_batch, tiny_state
 from test_train import shards  # noqa: F401  (module fixture)
 
 from smog_scale import train
-from smog_scale.training.engine import TrainState, train_step
+from smog_scale.training.step import TrainState, train_step
 
 
 def snapshot(state: TrainState) -> dict[str, torch.Tensor]:

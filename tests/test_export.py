@@ -18,7 +18,7 @@ from helpers import EPS32
 from safetensors.torch import load_file, save_file
 
 from smog_scale.config import schema as config
-from smog_scale.export.convert import FORMATS, FormatError, detectron2_key, resnet_layout, torchvision_resnet
+from smog_scale.export.resnet_formats import FORMATS, FormatError, detectron2_key, resnet_layout, torchvision_resnet
 from smog_scale.export.timm_export import export_timm, load_eval_backbone, load_exported, resolve_checkpoint
 from smog_scale.models.backbone import build_backbone
 from smog_scale.models.smog import SMoGModel
@@ -219,7 +219,7 @@ def detectron2_resnet_shapes(depth: int, stem: int, res2_out: int, width_per_gro
     """Every parameter and BN buffer detectron2 builds for ``MODEL.RESNETS`` with these values, by its naming.
 
     Written from detectron2/modeling/backbone/resnet.py (``build_resnet_backbone``), independently of
-    smog_scale.export.convert: a ``BasicStem`` ``stem.conv1`` (7x7, 3 -> STEM_OUT_CHANNELS); stages ``res2``..``res5``
+    smog_scale.export.resnet_formats: a ``BasicStem`` ``stem.conv1`` (7x7, 3 -> STEM_OUT_CHANNELS); stages ``res2``..``res5``
     of 18: 2,2,2,2 / 34, 50: 3,4,6,3 / 101: 3,4,23,3 / 152: 3,8,36,3 blocks named ``resS.i``; a
     ``BottleneckBlock`` has ``conv1`` 1x1 (in -> bottleneck), ``conv2`` 3x3 (grouped) and ``conv3`` 1x1
     (-> out), a ``BasicBlock`` (depth 18, 34) ``conv1`` and ``conv2`` 3x3; a block whose input and output

@@ -250,7 +250,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
         monkeypatch.setattr(checkpoint, "save_file", _disk_full())
     else:  # Accelerate's model weights
         monkeypatch.setattr(accelerate.checkpointing, "save", _disk_full())
-    with pytest.raises(checkpoint.CheckpointError) as info:
+    with pytest.raises(checkpoint.CheckpointSaveError) as info:
         checkpoint.save(accelerator, tmp_path, 2, bank, cache, {"global_step": 2}, keep_last=1)
     assert "No space left on device" in str(info.value)
     monkeypatch.undo()
@@ -274,7 +274,7 @@ def test_disk_full_on_a_real_tmpfs(tmp_path):
         digest = _digest(checkpoint.checkpoint_dir(root) / "step_00000001")
         free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
         (mount / "filler").write_bytes(b"x" * (free - 8192))  # leave less than one checkpoint
-        with pytest.raises(checkpoint.CheckpointError) as info:
+        with pytest.raises(checkpoint.CheckpointSaveError) as info:
             checkpoint.save(accelerator, root, 2, bank, cache, {"global_step": 2}, keep_last=1)
         _assert_previous_checkpoint_survives(root, str(info.value), digest, model, bank)
     finally:

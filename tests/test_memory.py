@@ -1,4 +1,4 @@
-"""Memory estimates (smog_scale/launch/memory.py, tools/memory.py) and the one-line CUDA out-of-memory error."""
+"""Memory estimates (smog_scale/launch/memory_estimate.py, tools/memory.py) and the one-line CUDA out-of-memory error."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from smog_scale import train
 from smog_scale.config import schema as config
 from smog_scale.data.multicrop import normalize
-from smog_scale.launch import memory
+from smog_scale.launch import memory_estimate
 from smog_scale.models.smog import SMoGModel
 from smog_scale.training.optim import build_optimizer
 
@@ -34,12 +34,12 @@ def test_fake_cuda_counts_what_a_real_forward_saves():
     """The same forward on real CPU tensors and on fake CUDA tensors saves the same bytes (float32)."""
     cfg = config.load(ROOT / "recipes" / "demo_cpu.yaml", SMALL)
     torch.manual_seed(0)
-    real = memory.saved_activation_bytes(memory.build_model(cfg, "cpu"),
-                                         [torch.randn(s) for s in memory.crop_shapes(cfg, 4)], "no")
-    model = memory.build_model(cfg)
-    with memory.fake_cuda():
+    real = memory_estimate.saved_activation_bytes(memory_estimate.build_model(cfg, "cpu"),
+                                         [torch.randn(s) for s in memory_estimate.crop_shapes(cfg, 4)], "no")
+    model = memory_estimate.build_model(cfg)
+    with memory_estimate.fake_cuda():
         model.to_empty(device="cuda")
-        fake = memory.saved_activation_bytes(model, [torch.empty(s, device="cuda") for s in memory.crop_shapes(cfg, 4)],
+        fake = memory_estimate.saved_activation_bytes(model, [torch.empty(s, device="cuda") for s in memory_estimate.crop_shapes(cfg, 4)],
                                              "no")
     assert real == fake and real[0] > 0 and real[1] > 0
 
@@ -47,7 +47,7 @@ def test_fake_cuda_counts_what_a_real_forward_saves():
 def test_bf16_autocast_applies_on_fake_cuda():
     """bf16 activations take about half the bytes of float32 ones (autocast is not silently off)."""
     cfg = config.load(ROOT / "recipes" / "r50_400ep.yaml", ["optim.global_batch_size=512"])
-    bf16, fp32 = (memory.estimate(cfg, 8, precision).parts["activations"] for precision in ("bf16", "no"))
+    bf16, fp32 = (memory_estimate.estimate(cfg, 8, precision).parts["activations"] for precision in ("bf16", "no"))
     assert 0.4 < bf16 / fp32 < 0.6
 
 
@@ -55,12 +55,12 @@ def test_estimate_bounds_the_peak_measured_on_cpu():
     """The estimate against the peak that torch's MemTracker measures over two real float32 steps
     (forward, backward, LARS step) of the same networks and batch: above it, and within 10%."""
     cfg = config.load(ROOT / "recipes" / "demo_cpu.yaml", SMALL)
-    estimate = memory.estimate(cfg, processes=1, precision="no")
+    estimate = memory_estimate.estimate(cfg, processes=1, precision="no")
     torch.manual_seed(0)
-    model = memory.build_model(cfg, "cpu")
+    model = memory_estimate.build_model(cfg, "cpu")
     model.momentum.requires_grad_(True)  # MemTracker hooks every parameter it sees; no_grad: no gradient appears
     optimizer = build_optimizer(model, cfg.optim, lr=0.1)
-    images = [torch.randint(0, 255, shape, dtype=torch.uint8) for shape in memory.crop_shapes(cfg, 16)]
+    images = [torch.randint(0, 255, shape, dtype=torch.uint8) for shape in memory_estimate.crop_shapes(cfg, 16)]
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
     peak = 0
@@ -82,9 +82,9 @@ def test_recipe_states_its_estimated_memory(recipe):
     found = NOTE.search(recipe.read_text())
     assert found, f"{recipe.name} has no memory note"
     gib, batch, processes, precision = found.groups()
-    estimate = memory.estimate(config.load(recipe), int(processes), precision)
+    estimate = memory_estimate.estimate(config.load(recipe), int(processes), precision)
     assert estimate.batch_size_per_device == int(batch)
-    assert f"{estimate.total / memory.GIB:.1f}" == gib, estimate.summary()
+    assert f"{estimate.total / memory_estimate.GIB:.1f}" == gib, estimate.summary()
 
 
 def test_tool_prints_the_estimate_and_refuses_a_batch_that_does_not_split(capsys):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from smog_scale.models import momentum
+from smog_scale.models import ema
 from smog_scale.models.backbone import build_backbone
 from smog_scale.models.smog import SMoGModel
 
@@ -35,7 +35,7 @@ def test_ema_update_matches_formula_and_reset_copies(model):
 
 def test_reset_rejects_mismatched_encoders():
     with pytest.raises(ValueError, match="differ"):
-        momentum.reset(torch.nn.Linear(2, 3), torch.nn.Linear(3, 3))
+        ema.reset(torch.nn.Linear(2, 3), torch.nn.Linear(3, 3))
 
 
 @pytest.mark.parametrize("name, millions, features", [("resnet50x2", 93.9, 4096), ("resnet50x4", 375.1, 8192)])

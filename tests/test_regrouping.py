@@ -14,7 +14,7 @@ from smog_scale import train
 from smog_scale.config import schema as config
 from smog_scale.eval.plots import plot_training_curves
 from smog_scale.training import regrouping
-from smog_scale.training.engine import TrainState, train_step
+from smog_scale.training.step import TrainState, train_step
 
 
 class Log:

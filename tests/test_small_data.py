@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from smog_scale.data.shards import build_eval_loader
-from smog_scale.data.synthetic.small import class_names, main, split_indices, write_images
+from smog_scale.data.synthetic.digits32 import class_names, main, split_indices, write_images
 
 
 def digests(root: Path) -> dict[str, str]:

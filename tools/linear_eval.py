@@ -38,7 +38,7 @@ from smog_scale.eval.evaluate import (
     shuffled_batches,
     train_linear_probe,
 )
-from smog_scale.export.timm_export import CheckpointError, EvalBackbone, load_eval_backbone
+from smog_scale.export.timm_export import CheckpointLoadError, EvalBackbone, load_eval_backbone
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_linear_probe(probe, accelerator, epoch_batches, epochs=args.epochs, steps_per_epoch=steps,
                            lrs=[lr * args.batch_size / 256 for lr in args.lr], momentum=args.momentum,
                            weight_decay=args.weight_decay)
-    except (CheckpointError, ShardError, OSError, ValueError) as err:
+    except (CheckpointLoadError, ShardError, OSError, ValueError) as err:
         print(f"linear_eval: error: {err}", file=sys.stderr)
         return 2
     results = probe_accuracy(probe, val_feats, val_labels)

@@ -5,7 +5,7 @@ A *source* is a run folder (its newest complete checkpoint), a checkpoint direct
 checkpoints written before they held one) or, for the evaluation tools, a folder written by
 :func:`export_timm`. A checkpoint holds Accelerate's
 ``model.safetensors`` or, from a DeepSpeed run, DeepSpeed's ``pytorch_model/`` folder. Loading is
-strict everywhere: a key or shape that does not fit raises :class:`CheckpointError` naming the file
+strict everywhere: a key or shape that does not fit raises :class:`CheckpointLoadError` naming the file
 and the keys. Only :func:`export_timm` drops keys (projector, predictor, the other encoder), and it
 names them.
 
@@ -15,7 +15,7 @@ and ``config.json`` in timm's hub format plus a ``smog`` section (recipe, step, 
 ``timm.create_model("local-dir:OUT_DIR", pretrained=True, num_classes=0)`` load it. ``resnet50x2`` /
 ``resnet50x4`` need ``import smog_scale`` first (it registers them with timm). For detection and
 segmentation a ResNet backbone is also written for torchvision (and mmdetection / mmsegmentation) and
-for detectron2 (:mod:`smog_scale.export.convert`).
+for detectron2 (:mod:`smog_scale.export.resnet_formats`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import nn
 
 from smog_scale.config.schema import ModelConfig
 from smog_scale.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from smog_scale.export import convert
+from smog_scale.export import resnet_formats
 from smog_scale.models.backbone import build_backbone  # also registers resnet50x2 / resnet50x4
 from smog_scale.models.smog import SMoGModel
 from smog_scale.training import checkpoint
@@ -51,7 +51,7 @@ _DEEPSPEED_TAG = "pytorch_model"  # the folder Accelerate's save_state gives Dee
 _SHOWN = 8  # keys listed per kind in an error message
 
 
-class CheckpointError(ValueError):
+class CheckpointLoadError(ValueError):
     """A source that cannot be loaded as asked; the message names the file and the offending keys."""
 
 
@@ -69,7 +69,7 @@ class Checkpoint:
         try:
             return ModelConfig(**self.recipe.get("model", {}))
         except TypeError as err:
-            raise CheckpointError(f"{self.config_file}: bad 'model' section: {err}") from err
+            raise CheckpointLoadError(f"{self.config_file}: bad 'model' section: {err}") from err
 
     @property
     def weights(self) -> Path:
@@ -88,18 +88,19 @@ def resolve_checkpoint(source: str | Path) -> Checkpoint:
     """The checkpoint named by a run folder (newest complete one) or a checkpoint directory."""
     path = Path(source)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such run folder or checkpoint directory")
+        raise CheckpointLoadError(f"{path}: no such run folder or checkpoint directory")
     if not path.name.startswith(checkpoint.PREFIX) and (path / "config.yaml").is_file():
         found = checkpoint.complete_checkpoints(path)
         if not found:
-            raise CheckpointError(f"{path}: run folder without a complete checkpoint in "
+            raise CheckpointLoadError(f"{path}: run folder without a complete checkpoint in "
                                   f"{checkpoint.checkpoint_dir(path)}")
         path = found[-1]
     elif not path.name.startswith(checkpoint.PREFIX):
-        raise CheckpointError(f"{path}: neither a run folder (config.yaml) nor a checkpoint directory (step_XXXXXXXX)")
+        raise CheckpointLoadError(f"{path}: neither a run folder (config.yaml) nor a checkpoint directory "
+                                  "(step_XXXXXXXX)")
     config_file = checkpoint.recipe_file(path)
     if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: missing; a checkpoint's recipe is read from its config.yaml "
+        raise CheckpointLoadError(f"{config_file}: missing; a checkpoint's recipe is read from its config.yaml "
                               "(from RUN/config.yaml for checkpoints written before they held one)")
     recipe = yaml.safe_load(config_file.read_text()) or {}
     state_file = path / "trainer_state.json"
@@ -120,7 +121,7 @@ def read_state(ckpt: Checkpoint, prefix: str = "") -> tuple[dict[str, torch.Tens
         stored = _read_deepspeed(ckpt.path)
         return {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}, list(stored)
     if not file.is_file():
-        raise CheckpointError(f"{file}: missing; a complete checkpoint holds Accelerate's model.safetensors "
+        raise CheckpointLoadError(f"{file}: missing; a complete checkpoint holds Accelerate's model.safetensors "
                               f"(or DeepSpeed's {_DEEPSPEED_TAG}/ folder)")
     try:
         with safe_open(str(file), framework="pt") as handle:
@@ -129,7 +130,7 @@ def read_state(ckpt: Checkpoint, prefix: str = "") -> tuple[dict[str, torch.Tens
             names = {k.removeprefix(_DDP_PREFIX) if wrapped else k: k for k in keys}
             tensors = {k[len(prefix):]: handle.get_tensor(s) for k, s in names.items() if k.startswith(prefix)}
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{file}: not a readable safetensors file: {err}") from err
+        raise CheckpointLoadError(f"{file}: not a readable safetensors file: {err}") from err
     return tensors, list(names)
 
 
@@ -138,12 +139,12 @@ def _read_deepspeed(path: Path) -> dict[str, torch.Tensor]:
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as err:
-        raise CheckpointError(f"{path / _DEEPSPEED_TAG}: a DeepSpeed checkpoint; reading it needs DeepSpeed "
+        raise CheckpointLoadError(f"{path / _DEEPSPEED_TAG}: a DeepSpeed checkpoint; reading it needs DeepSpeed "
                               f"(pip install 'smog_scale[deepspeed]')") from err
     try:
         return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=_DEEPSPEED_TAG)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{path / _DEEPSPEED_TAG}: not a readable DeepSpeed checkpoint: {err!r}") \
+        raise CheckpointLoadError(f"{path / _DEEPSPEED_TAG}: not a readable DeepSpeed checkpoint: {err!r}") \
             from err
 
 
@@ -161,7 +162,7 @@ def strict_load(module: nn.Module, state: dict[str, torch.Tensor], file: Path, p
                 for kind, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
                 if keys]
     if problems:
-        raise CheckpointError(f"{file} does not fit {what or type(module).__name__}: " + "; ".join(problems))
+        raise CheckpointLoadError(f"{file} does not fit {what or type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(state, strict=True)
 
 
@@ -170,7 +171,7 @@ def load_backbone(ckpt: Checkpoint, which: Encoder = "online") -> tuple[nn.Modul
     prefix = f"{which}.backbone."
     state, keys = read_state(ckpt, prefix)
     if not state:
-        raise CheckpointError(f"{ckpt.weights}: no '{prefix}*' keys; not a SMoG checkpoint "
+        raise CheckpointLoadError(f"{ckpt.weights}: no '{prefix}*' keys; not a SMoG checkpoint "
                               f"(keys start with {sorted({k.split('.')[0] for k in keys})[:_SHOWN]})")
     mc = ckpt.model_config
     backbone = build_backbone(mc.backbone, **mc.backbone_kwargs)
@@ -194,12 +195,12 @@ def load_groups(ckpt: Checkpoint) -> torch.Tensor:
     """The group features G [K, D] saved with the checkpoint."""
     file = ckpt.path / "smog.safetensors"
     if not file.is_file():
-        raise CheckpointError(f"{file}: missing; a complete checkpoint holds the groups in smog.safetensors")
+        raise CheckpointLoadError(f"{file}: missing; a complete checkpoint holds the groups in smog.safetensors")
     groups = load_file(str(file)).get("groups")
     dim = ckpt.model_config.proj_dim
     if groups is None or groups.ndim != 2 or groups.shape[1] != dim:
         shape = None if groups is None else tuple(groups.shape)
-        raise CheckpointError(f"{file}: expected 'groups' [K, {dim}] (model.proj_dim = {dim}), found {shape}")
+        raise CheckpointLoadError(f"{file}: expected 'groups' [K, {dim}] (model.proj_dim = {dim}), found {shape}")
     return groups
 
 
@@ -243,21 +244,21 @@ def export_timm(source: str | Path, out_dir: str | Path, which: Encoder = "onlin
     """Write the backbone in each of ``formats`` into ``OUT_DIR``, reload every file and compare.
 
     ``timm``: ``model.safetensors`` and ``config.json``; ``torchvision``: ``torchvision.pth``;
-    ``detectron2``: ``detectron2.pkl`` and ``detectron2.yaml`` (see :mod:`smog_scale.export.convert`). A format
-    the backbone cannot take fails (:class:`convert.FormatError`) before anything is written. The files
+    ``detectron2``: ``detectron2.pkl`` and ``detectron2.yaml`` (see :mod:`smog_scale.export.resnet_formats`). A format
+    the backbone cannot take fails (:class:`resnet_formats.FormatError`) before anything is written. The files
     are written into ``OUT_DIR/.tmp-export`` and moved into place only after every self-check passed:
     timm and torchvision reload the file and give features within ``CHECK_TOLERANCE`` on a random batch
     of ``check_batch`` images of ``check_size`` px (default: the recipe's crop size); detectron2's tensors
     must equal the backbone's.
     """
-    unknown = [f for f in formats if f not in convert.FORMATS]
+    unknown = [f for f in formats if f not in resnet_formats.FORMATS]
     if unknown or not formats:
-        raise CheckpointError(f"formats {list(formats)}: choose among {list(convert.FORMATS)}")
+        raise CheckpointLoadError(f"formats {list(formats)}: choose among {list(resnet_formats.FORMATS)}")
     ckpt = resolve_checkpoint(source)
     backbone, dropped = load_backbone(ckpt, which)
     mc = ckpt.model_config
-    layout = convert.resnet_layout(backbone, mc.backbone) if set(formats) - {"timm"} else None
-    vision = (convert.torchvision_resnet(mc.backbone, layout)
+    layout = resnet_formats.resnet_layout(backbone, mc.backbone) if set(formats) - {"timm"} else None
+    vision = (resnet_formats.torchvision_resnet(mc.backbone, layout)
               if "torchvision" in formats and layout is not None else None)
     interpolation = ckpt.recipe.get("data", {}).get("crops", [{}])[0].get("interpolation", "bicubic")
     smog = {"source": str(ckpt.path), "step": ckpt.step, "encoder": which, "dropped": dropped, "recipe": ckpt.recipe}
@@ -276,16 +277,17 @@ def export_timm(source: str | Path, out_dir: str | Path, which: Encoder = "onlin
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             diffs["timm"] = self_check(backbone, load_exported(tmp), tmp / "model.safetensors", size, check_batch)
         if vision is not None:
-            convert.write_torchvision(backbone, tmp / convert.TORCHVISION_FILE)
-            strict_load(vision, torch.load(tmp / convert.TORCHVISION_FILE, weights_only=True),
-                        tmp / convert.TORCHVISION_FILE, what=f"torchvision.models.{mc.backbone}() without fc")
-            diffs["torchvision"] = self_check(backbone, vision, tmp / convert.TORCHVISION_FILE, size, check_batch)
+            vision_file = tmp / resnet_formats.TORCHVISION_FILE
+            resnet_formats.write_torchvision(backbone, vision_file)
+            strict_load(vision, torch.load(vision_file, weights_only=True), vision_file,
+                        what=f"torchvision.models.{mc.backbone}() without fc")
+            diffs["torchvision"] = self_check(backbone, vision, vision_file, size, check_batch)
         if "detectron2" in formats and layout is not None:
-            convert.write_detectron2(backbone, tmp / convert.DETECTRON2_FILE)
-            diffs["detectron2"] = convert.check_detectron2(backbone, tmp / convert.DETECTRON2_FILE)
-            d2_config = convert.detectron2_config(layout, (out_dir / convert.DETECTRON2_FILE).resolve())
-            (tmp / convert.DETECTRON2_CONFIG).write_text(yaml.safe_dump(d2_config, sort_keys=False))
-    except (CheckpointError, convert.FormatError):
+            resnet_formats.write_detectron2(backbone, tmp / resnet_formats.DETECTRON2_FILE)
+            diffs["detectron2"] = resnet_formats.check_detectron2(backbone, tmp / resnet_formats.DETECTRON2_FILE)
+            d2_config = resnet_formats.detectron2_config(layout, (out_dir / resnet_formats.DETECTRON2_FILE).resolve())
+            (tmp / resnet_formats.DETECTRON2_CONFIG).write_text(yaml.safe_dump(d2_config, sort_keys=False))
+    except (CheckpointLoadError, resnet_formats.FormatError):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     files = sorted(tmp.iterdir())
@@ -298,7 +300,7 @@ def export_timm(source: str | Path, out_dir: str | Path, which: Encoder = "onlin
 
 @torch.no_grad()
 def self_check(backbone: nn.Module, reloaded: nn.Module, file: Path, image_size: int, batch: int = 2) -> float:
-    """Raise CheckpointError unless ``reloaded`` (built from ``file``) equals ``backbone``.
+    """Raise CheckpointLoadError unless ``reloaded`` (built from ``file``) equals ``backbone``.
 
     Same keys and tensors, and features within ``CHECK_TOLERANCE`` on a seeded random batch; returns
     the max abs difference of the features.
@@ -307,12 +309,12 @@ def self_check(backbone: nn.Module, reloaded: nn.Module, file: Path, image_size:
     missing, unexpected = sorted(set(got) - set(saved)), sorted(set(saved) - set(got))
     differ = [k for k in got if k in saved and not torch.equal(got[k], saved[k])]
     if missing or unexpected or differ:
-        raise CheckpointError(f"self-check: the reload of {file} has missing keys {missing[:_SHOWN]}, "
+        raise CheckpointLoadError(f"self-check: the reload of {file} has missing keys {missing[:_SHOWN]}, "
                               f"unexpected keys {unexpected[:_SHOWN]}, different tensors {differ[:_SHOWN]}")
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     diff = float((backbone.eval()(images) - reloaded.eval()(images)).abs().max())
     if not diff <= CHECK_TOLERANCE:
-        raise CheckpointError(f"self-check: features of {file} reloaded differ from the training "
+        raise CheckpointLoadError(f"self-check: features of {file} reloaded differ from the training "
                               f"backbone by {diff:.3g} > {CHECK_TOLERANCE}")
     return diff
 
@@ -326,7 +328,7 @@ def load_exported(export_dir: str | Path) -> nn.Module:
     try:
         return timm.create_model(f"local-dir:{Path(export_dir).resolve()}", pretrained=True, num_classes=0).eval()
     except (RuntimeError, FileNotFoundError, KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{export_dir}: timm cannot load this export: {err}") from err
+        raise CheckpointLoadError(f"{export_dir}: timm cannot load this export: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -351,7 +353,7 @@ def load_eval_backbone(source: str | Path, which: Encoder = "online", random_ini
             arch, kwargs = config["architecture"], config.get("model_args", {})
             size = int(config["pretrained_cfg"]["input_size"][-1])
         except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
-            raise CheckpointError(f"{Path(source) / 'config.json'}: not an export's config: {err!r}") from err
+            raise CheckpointLoadError(f"{Path(source) / 'config.json'}: not an export's config: {err!r}") from err
         module = None if random_init else load_exported(source)
         trained = f"export {source} (step {config.get('smog', {}).get('step', '?')})"
     else:

@@ -47,7 +47,7 @@ from smog_scale.config import schema as config
 from smog_scale.config.schema import ConfigError
 from smog_scale.data.converter.make_shards import ConvertOptions, convert
 from smog_scale.data.synthetic.demo import write_demo
-from smog_scale.launch import memory
+from smog_scale.launch import memory_estimate
 from smog_scale.launch.selfcheck_runner import Check, Failed, Skipped, run_checks, table
 from smog_scale.method import kmeans
 
@@ -80,7 +80,7 @@ class Context:
         return self.launch.is_main_process
 
     @property
-    def precision(self) -> memory.Precision:
+    def precision(self) -> memory_estimate.Precision:
         """The autocast precision of this launch: the recipe's, else accelerate's flag."""
         chosen: str = self.cfg.run.mixed_precision
         if chosen == "launcher":
@@ -305,7 +305,7 @@ def full_batch(ctx: Context) -> str:
     peak = max(r["peak_memory_gb"] for r in steps)
     if device.type != "cuda":
         return f"{batch} images per device x {ctx.world}: peak host memory (RSS) {peak:.2f} GiB"
-    estimate = memory.estimate(ctx.cfg, ctx.world, ctx.precision).total / memory.GIB
+    estimate = memory_estimate.estimate(ctx.cfg, ctx.world, ctx.precision).total / memory_estimate.GIB
     return (f"{batch} images per device x {ctx.world}: peak {peak:.2f} GiB allocated on {device} "
             f"(tools/memory.py estimates at most {estimate:.1f} GiB)")
 

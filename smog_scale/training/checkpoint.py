@@ -8,7 +8,7 @@ samples seen, counters, world size) and ``config.yaml`` (the resolved recipe it 
 Everything is written into ``.tmp-step_...`` first, fsynced, renamed when complete and the rename
 fsynced, so neither a crash nor a power cut leaves a directory that looks complete; temp directories
 of crashed saves are removed by the next save. A write that fails (a full disk) removes the temp
-directory and raises ``CheckpointError`` naming the newest complete checkpoint, on every rank: the
+directory and raises ``CheckpointSaveError`` naming the newest complete checkpoint, on every rank: the
 ranks learn each other's failures through an all-reduce, never wait at a barrier for a rank that
 failed. Pruning keeps the newest ``keep_last`` and never deletes a checkpoint newer than the one
 just written. Nothing is unpickled on load: safetensors, JSON, and Accelerate's ``weights_only`` loads.
@@ -103,7 +103,7 @@ def _on_all_ranks(accelerator: Accelerator, action: Callable[[], None]) -> None:
     if error is not None:
         raise error
     if failed:
-        raise CheckpointError(f"failed on {failed} other rank(s) (their messages name the cause)")
+        raise CheckpointSaveError(f"failed on {failed} other rank(s) (their messages name the cause)")
 
 
 def _start(root: Path, tmp: Path) -> None:
@@ -126,7 +126,7 @@ def _publish(tmp: Path, final: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-class CheckpointError(OSError):
+class CheckpointSaveError(OSError):
     """A checkpoint could not be written; the complete checkpoints before it are untouched."""
 
 
@@ -134,13 +134,13 @@ class UnreadableCheckpoint(ValueError):
     """A checkpoint whose files do not read (truncated, missing); the message names the file."""
 
 
-def _save_failed(output_dir: str | Path, tmp: Path, err: Exception) -> CheckpointError:
+def _save_failed(output_dir: str | Path, tmp: Path, err: Exception) -> CheckpointSaveError:
     """Remove the partial save (it holds the space a full disk needs) and say what is left."""
     existing = next(p for p in (checkpoint_dir(output_dir), *checkpoint_dir(output_dir).parents) if p.exists())
     free = shutil.disk_usage(existing).free
     shutil.rmtree(tmp, ignore_errors=True)
     previous = complete_checkpoints(output_dir)
-    return CheckpointError(
+    return CheckpointSaveError(
         f"writing checkpoint {tmp.name.removeprefix(TMP_PREFIX)} failed ({type(err).__name__}: {err}); "
         f"{free / 2**20:.2f} MiB were free under {existing}; the partial save was removed; "
         f"newest complete checkpoint: {previous[-1] if previous else 'none'} (untouched, resume from it)")

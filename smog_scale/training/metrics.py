@@ -19,7 +19,7 @@ from smog_scale.config.schema import flatten
 from smog_scale.config.schema import to_dict as config_dict
 
 if TYPE_CHECKING:
-    from smog_scale.training.engine import TrainState
+    from smog_scale.training.step import TrainState
 
 
 def assignment_health(counts: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,8 +18,8 @@ import torch
 from smog_scale import dist
 from smog_scale.data.shards import build_eval_loader
 from smog_scale.eval import evaluate
-from smog_scale.training.engine import TrainState
 from smog_scale.training.metrics import RunLog
+from smog_scale.training.step import TrainState
 
 
 class _Guarded:

@@ -17,7 +17,7 @@ from smog_scale.method.kmeans import fit as kmeans_fit
 from smog_scale.training.metrics import RunLog, label_churn
 
 if TYPE_CHECKING:
-    from smog_scale.training.engine import TrainState
+    from smog_scale.training.step import TrainState
 
 
 def rows_needed(cfg: Config, derived: Derived) -> int:

@@ -1,6 +1,6 @@
-"""A small labelled set for checking that a method learns in minutes: 32-px digits with strong nuisances.
+"""32-px digits with strong nuisances: a small labelled set for checking in minutes that a method learns.
 
-``python -m smog_scale.data.synthetic.small OUT_DIR`` writes ``OUT_DIR/images/{train,val}/digit_<d>/*.jpg``
+``python -m smog_scale.data.synthetic.digits32 OUT_DIR`` writes ``OUT_DIR/images/{train,val}/digit_<d>/*.jpg``
 (an ImageFolder) and converts both splits with the project's converter into ``OUT_DIR/shards/train``
 and ``OUT_DIR/shards/val`` (the val shards index classes by the train shards' ``classes.txt``).
 Nothing is downloaded; a few seconds to write; identical bytes for the same seed.
@@ -47,8 +47,8 @@ SAMPLES_PER_SHARD = 256
 
 
 @dataclass(frozen=True)
-class SmallSummary:
-    """What ``write_small`` wrote: the image and shard folders, class names and images per split."""
+class Digits32Summary:
+    """What ``write_digits32`` wrote: the image and shard folders, class names and images per split."""
 
     images: Path
     shards: Path
@@ -141,7 +141,7 @@ def write_images(out_dir: Path, seed: int = 0, size: int = 32) -> dict[str, int]
     return counts
 
 
-def write_small(out_dir: Path, seed: int = 0, size: int = 32) -> SmallSummary:
+def write_digits32(out_dir: Path, seed: int = 0, size: int = 32) -> Digits32Summary:
     """Images under ``out_dir/images``, then shards under ``out_dir/shards/{train,val}``."""
     out_dir = Path(out_dir)
     counts = write_images(out_dir / "images", seed, size)
@@ -149,12 +149,12 @@ def write_small(out_dir: Path, seed: int = 0, size: int = 32) -> SmallSummary:
         classes = out_dir / "shards" / "train" / "classes.txt" if split == "val" else None
         options = ConvertOptions(prefix=split, samples_per_shard=SAMPLES_PER_SHARD, classes=classes, seed=seed)
         convert(out_dir / "images" / split, out_dir / "shards" / split, options, progress=False)
-    return SmallSummary(out_dir / "images", out_dir / "shards", class_names(), counts)
+    return Digits32Summary(out_dir / "images", out_dir / "shards", class_names(), counts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m smog_scale.data.synthetic.small OUT_DIR [--seed S] [--size PX]``."""
-    parser = argparse.ArgumentParser(prog="python -m smog_scale.data.synthetic.small",
+    """``python -m smog_scale.data.synthetic.digits32 OUT_DIR [--seed S] [--size PX]``."""
+    parser = argparse.ArgumentParser(prog="python -m smog_scale.data.synthetic.digits32",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="gets images/{train,val} and shards/{train,val}")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="default: 0")
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.size < 8:
         parser.error(f"--size {args.size}: at least 8 px")
     try:
-        summary = write_small(args.out_dir, args.seed, args.size)
+        summary = write_digits32(args.out_dir, args.seed, args.size)
     except FileExistsError as exc:
         parser.error(str(exc))
     print(f"wrote {summary.counts} images of {len(summary.classes)} classes to {summary.images} "

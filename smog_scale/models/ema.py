@@ -27,7 +27,7 @@ def _like(sources: list[torch.Tensor], targets: list[torch.Tensor]) -> list[torc
 
 
 @torch.no_grad()
-def ema_update(online: nn.Module, momentum: nn.Module, m: float) -> None:
+def update(online: nn.Module, momentum: nn.Module, m: float) -> None:
     """momentum <- m * momentum + (1 - m) * online, parameters and float buffers (BN statistics).
 
     The lerp runs in the momentum encoder's dtype (float32): bf16/fp16 online weights (DeepSpeed) are
