@@ -8,8 +8,8 @@ import torch
 from accelerate import Accelerator
 from test_train import ROOT, TINY
 
-from smog_scale import train
-from smog_scale.config import schema as config
+from smog_scale.config.validation import load_config
+from smog_scale.training import loop
 from smog_scale.training.step import TrainState
 
 BATCH = 8  # images per micro-batch (and per rank)
@@ -17,7 +17,7 @@ BATCH = 8  # images per micro-batch (and per rank)
 
 def tiny_state(run: Path, shards: Path, *overrides: str, accumulation: int = 1,
                scaler: torch.amp.GradScaler | None = None) -> TrainState:
-    """``train.build`` on test_train's tiny recipe, global batch BATCH x (accumulation x world size).
+    """``loop.build`` on test_train's tiny recipe, global batch BATCH x (accumulation x world size).
 
     ``scaler`` wires a CPU GradScaler into Accelerate (it makes one only for GPUs), so the fp16 loss-scaling
     path (scaled backward, unscale, skipped optimizer step) runs on the CPU.
@@ -25,11 +25,11 @@ def tiny_state(run: Path, shards: Path, *overrides: str, accumulation: int = 1,
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
     accelerator.scaler = scaler
     world = accelerator.num_processes
-    cfg = config.load(ROOT / "recipes" / "demo_cpu.yaml", [
+    cfg = load_config(ROOT / "recipes" / "demo_cpu.yaml", [
         f"run.output_dir={run}", f"data.train_shards={shards}", *TINY, "data.num_samples=640",
         f"optim.global_batch_size={BATCH * accumulation * world}", f"optim.grad_accum_steps={accumulation}",
         "grouping.cache_size=128", "optim.name=sgd", "optim.warmup_epochs=0", *overrides])
-    return train.build(cfg, accelerator)
+    return loop.build(cfg, accelerator)
 
 
 def synthetic_batch(step: int, first: int, size: int = BATCH) -> dict:

@@ -1,7 +1,9 @@
 import pytest
 
-from smog_scale.config import schema as config
-from smog_scale.config.schema import ConfigError
+from smog_scale.config.derived import derive
+from smog_scale.config.recipe_file import ConfigError
+from smog_scale.config.schema import dump
+from smog_scale.config.validation import crop_specs, load_config
 
 
 @pytest.fixture
@@ -12,12 +14,12 @@ def recipe(tmp_path):
 
 
 def test_load_with_overrides_and_dump(recipe, tmp_path):
-    cfg = config.load(recipe, ["optim.base_lr=0.5", "grouping.num_groups=10", "run.max_steps=3"])
+    cfg = load_config(recipe, ["optim.base_lr=0.5", "grouping.num_groups=10", "run.max_steps=3"])
     assert (cfg.optim.base_lr, cfg.grouping.num_groups, cfg.run.max_steps) == (0.5, 10, 3)
-    derived = config.derive(cfg, world_size=2, num_samples=640)
+    derived = derive(cfg, world_size=2, num_samples=640)
     assert (derived.batch_size_per_device, derived.steps_per_epoch) == (32, 8)  # 10 batches -> 8 for 8 workers
     assert derived.scaled_lr == pytest.approx(0.5 * 64 / 256)
-    config.dump(cfg, tmp_path / "out.yaml", derived)
+    dump(cfg, tmp_path / "out.yaml", derived)
     assert "derived:" in (tmp_path / "out.yaml").read_text()
 
 
@@ -64,46 +66,46 @@ def test_load_with_overrides_and_dump(recipe, tmp_path):
 ])
 def test_errors_name_the_key(recipe, override, message):
     with pytest.raises(ConfigError) as err:
-        config.load(recipe, override.split(" ") if "grouping.reset" in override else [override])
+        load_config(recipe, override.split(" ") if "grouping.reset" in override else [override])
     assert message in str(err.value)
 
 
 def test_float_forms_people_type_are_floats(recipe, tmp_path):
     """YAML 1.1 reads 5e-4 (no dot) as a string; on the command line, in a recipe, in crop records too."""
-    cfg = config.load(recipe, ["optim.weight_decay=5e-4", "optim.final_lr=1e-6", "optim.base_lr=3E-4",
+    cfg = load_config(recipe, ["optim.weight_decay=5e-4", "optim.final_lr=1e-6", "optim.base_lr=3E-4",
                                "data.crops=[{size: 32, count: 2, blur_sigma: [1e-1, 2e0]}]"])
     assert (cfg.optim.weight_decay, cfg.optim.final_lr, cfg.optim.base_lr) == (5e-4, 1e-6, 3e-4)
-    assert config.crop_specs(cfg)[0].blur_sigma == (0.1, 2.0)
+    assert crop_specs(cfg)[0].blur_sigma == (0.1, 2.0)
     written = tmp_path / "exp.yaml"
     written.write_text(recipe.read_text() + "  weight_decay: 5e-4\n  clip_grad_norm: -2.5E+1\n")
     with pytest.raises(ConfigError, match="optim.clip_grad_norm must be positive"):  # parsed as -25.0
-        config.load(written)
-    assert config.load(written, ["optim.clip_grad_norm=1e1"]).optim.weight_decay == 5e-4
-    assert config.load(recipe, ["run.output_dir=1e5x"]).run.output_dir == "1e5x"  # not a number: a string
+        load_config(written)
+    assert load_config(written, ["optim.clip_grad_norm=1e1"]).optim.weight_decay == 5e-4
+    assert load_config(recipe, ["run.output_dir=1e5x"]).run.output_dir == "1e5x"  # not a number: a string
 
 
 def test_yaml_syntax_error_is_one_line_naming_the_file(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("optim:\n  epochs: [1, 2\n  base_lr: 0.3\n")
     with pytest.raises(ConfigError) as err:
-        config.load(broken)
+        load_config(broken)
     message = str(err.value)
     assert message.startswith(f"recipe '{broken}': invalid YAML at line 3, column 10: ") and "\n" not in message
 
 
 def test_missing_recipe_and_impossible_launches(recipe, tmp_path):
     with pytest.raises(ConfigError, match=r"does not exist; recipes: recipes/byol_r50_400ep.yaml, recipes/demo_cpu.yaml, recipes/r50_400ep.yaml"):
-        config.load(tmp_path / "nope.yaml")
-    cfg = config.load(recipe, ["grouping.num_groups=3000", "grouping.cache_size=1000", "optim.global_batch_size=48"])
+        load_config(tmp_path / "nope.yaml")
+    cfg = load_config(recipe, ["grouping.num_groups=3000", "grouping.cache_size=1000", "optim.global_batch_size=48"])
     with pytest.raises(ConfigError, match=r"num_groups=3000 exceeds the feature cache: grouping.cache_size=1000 "
                                           r"leaves each of 3 rank\(s\) 333 rows \(999 in all\), below K / world size = 1000"):
-        config.derive(cfg, world_size=3, num_samples=10_000)
-    fits = config.load(recipe, ["grouping.num_groups=999", "grouping.cache_size=1000", "optim.global_batch_size=48"])
-    assert config.derive(fits, world_size=3, num_samples=10_000).cache_size_per_device == 333  # equal shares, rounded down
+        derive(cfg, world_size=3, num_samples=10_000)
+    fits = load_config(recipe, ["grouping.num_groups=999", "grouping.cache_size=1000", "optim.global_batch_size=48"])
+    assert derive(fits, world_size=3, num_samples=10_000).cache_size_per_device == 333  # equal shares, rounded down
     with pytest.raises(ConfigError, match="global_batch_size=64 is not divisible by world size 3"):
-        config.derive(config.load(recipe), world_size=3, num_samples=10_000)
+        derive(load_config(recipe), world_size=3, num_samples=10_000)
     with pytest.raises(ConfigError, match="gives no whole step of optim.global_batch_size=64"):
-        config.derive(config.load(recipe, ["grouping.num_groups=10"]), world_size=1, num_samples=10)
+        derive(load_config(recipe, ["grouping.num_groups=10"]), world_size=1, num_samples=10)
 
 
 def test_the_four_rows_of_table_7b_are_expressible(recipe):
@@ -111,6 +113,6 @@ def test_the_four_rows_of_table_7b_are_expressible(recipe):
     rows = {"none": ["grouping.regroup_every=0", "grouping.reset_momentum=false"],
             "clustering": ["grouping.reset_momentum=false"], "clustering_reset": [],
             "reset": ["grouping.regroup_every=0", "grouping.reset_every=300"]}
-    loaded = {name: config.load(recipe, overrides).grouping for name, overrides in rows.items()}
+    loaded = {name: load_config(recipe, overrides).grouping for name, overrides in rows.items()}
     assert [(g.regroup_every, g.reset_momentum, g.reset_every) for g in loaded.values()] == [
         (0, False, None), (300, False, None), (300, True, None), (0, True, 300)]

@@ -5,10 +5,10 @@ import torch.nn.functional as F
 
 from smog_scale.method.feature_cache import FeatureCache
 from smog_scale.method.grouping import GroupBank
+from smog_scale.method.health import assignment_health
 from smog_scale.method.kmeans import kmeans
 from smog_scale.method.objectives import grouping_step
 from smog_scale.models.smog import SMoGModel
-from smog_scale.training.metrics import assignment_health
 
 
 def synthetic_images(n: int, num_classes: int = 8, size: int = 32, seed: int = 0):

@@ -7,9 +7,9 @@ from gloo import run_on_ranks
 from helpers import EPS32, summation_atol
 
 from smog_scale.method.grouping import UPDATES
+from smog_scale.method.health import label_churn
 from smog_scale.method.objectives import grouping_step
 from smog_scale.models.smog import SMoGOutput
-from smog_scale.training.metrics import label_churn
 
 DIM_IN, DIM, NUM_GROUPS, BATCH, VIEWS = 12, 8, 6, 16, 4  # 2 global + 2 local views
 UPDATE_COUNTS = torch.tensor([0, 1, 2, 3, 0, 5])  # the averaging rule's updates since the last re-grouping

@@ -13,7 +13,7 @@ from helpers import EPS32
 from steps import BATCH, synthetic_batch, tiny_state
 from test_train import shards  # noqa: F401  (module fixture)
 
-from smog_scale import train
+from smog_scale.training import loop
 from smog_scale.training.step import TrainState, train_step
 
 
@@ -200,7 +200,7 @@ def test_loader_resumes_at_the_data_position_not_the_step_count(tmp_path, shards
         opened.update(kwargs)
         raise Opened
 
-    monkeypatch.setattr(train, "build_train_loader", loader)
+    monkeypatch.setattr(loop, "build_train_loader", loader)
     with pytest.raises(Opened):
-        train.train(state, log=None)
+        loop.train(state, log=None)
     assert (opened["epoch"], opened["start_batch"]) == (1, 2 * 2)  # epoch 1, its 3rd step of 2 micro-batches

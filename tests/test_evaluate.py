@@ -23,19 +23,11 @@ from helpers import summation_atol
 from PIL import Image
 
 from smog_scale.data.shards import build_eval_loader
-from smog_scale.eval.evaluate import (
-    LinearProbe,
-    extract_features,
-    group_assignments,
-    group_quality,
-    knn_evaluate,
-    knn_neighbors,
-    knn_vote,
-    probe_accuracy,
-    reestimate_batchnorm,
-    shuffled_batches,
-    train_linear_probe,
-)
+from smog_scale.eval.batchnorm import reestimate_batchnorm
+from smog_scale.eval.features import extract_features
+from smog_scale.eval.group_quality import group_assignments, group_quality
+from smog_scale.eval.knn import knn_evaluate, knn_neighbors, knn_vote
+from smog_scale.eval.linear_probe import LinearProbe, probe_accuracy, shuffled_batches, train_linear_probe
 from smog_scale.eval.plots import plot_group_quality
 from smog_scale.export.timm_export import export_timm
 

@@ -17,9 +17,10 @@ import yaml
 from helpers import EPS32
 from safetensors.torch import load_file, save_file
 
-from smog_scale.config import schema as config
+from smog_scale.config.schema import Config, DataConfig, ModelConfig, dump
+from smog_scale.export.loading import load_eval_backbone, load_exported, resolve_checkpoint
 from smog_scale.export.resnet_formats import FORMATS, FormatError, detectron2_key, resnet_layout, torchvision_resnet
-from smog_scale.export.timm_export import export_timm, load_eval_backbone, load_exported, resolve_checkpoint
+from smog_scale.export.timm_export import export_timm
 from smog_scale.models.backbone import build_backbone
 from smog_scale.models.smog import SMoGModel
 
@@ -41,10 +42,10 @@ def make_run(root: Path, backbone: str, backbone_kwargs: dict | None = None, ima
                 tensor.uniform_(0.5, 1.5)
         for p in model.momentum.parameters():
             p.add_(0.01)
-    model_cfg = config.ModelConfig(backbone=backbone, backbone_kwargs=backbone_kwargs or {}, **HEADS)
+    model_cfg = ModelConfig(backbone=backbone, backbone_kwargs=backbone_kwargs or {}, **HEADS)
     crops = [{"size": image_size, "count": 2, "scale": [0.14, 1.0]}]
     root.mkdir(parents=True)
-    config.dump(config.Config(model=model_cfg, data=config.DataConfig(train_shards="x.tar", crops=crops)),
+    dump(Config(model=model_cfg, data=DataConfig(train_shards="x.tar", crops=crops)),
                 root / "config.yaml")
     state = {wrapper_prefix + k: v.contiguous() for k, v in model.state_dict().items()}
     for step in steps:

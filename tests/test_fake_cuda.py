@@ -21,9 +21,9 @@ from smog_scale.method import kmeans
 from smog_scale.method.accumulation import StepAccumulator
 from smog_scale.method.feature_cache import FeatureCache
 from smog_scale.method.grouping import GroupBank, assign
+from smog_scale.method.health import assignment_health, cluster_size_health
 from smog_scale.method.objectives import byol_step, grouping_step
 from smog_scale.models.smog import SMoGModel
-from smog_scale.training.metrics import assignment_health, cluster_size_health
 from smog_scale.training.step import step_flags
 
 K, D, B = 8, 16, 4  # groups, feature dimension, images per view

@@ -25,7 +25,8 @@ from test_scale import ShardServer
 from test_train import ROOT, TINY, launch, records, shards  # noqa: F401  (shards: module fixture)
 
 from smog_scale import train
-from smog_scale.config import schema as config
+from smog_scale.config.recipe_file import ConfigError
+from smog_scale.config.validation import load_config
 from smog_scale.data.multicrop import CropSpec
 from smog_scale.data.shards import ShardOpenError, build_train_loader
 from smog_scale.training import checkpoint
@@ -169,10 +170,10 @@ def test_stalled_pipe_ends_the_trainer_with_the_shard_named(tmp_path, capsys):
 def test_loader_limits_are_checked_before_any_work(tmp_path, override, message):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("data:\n  train_shards: /x/s-{0..3}.tar\n")
-    with pytest.raises(config.ConfigError) as info:
-        config.load(recipe, [override])
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, [override])
     assert message in str(info.value)
-    assert config.load(recipe, ["data.read_timeout_s=0"]).data.read_timeout_s == 0
+    assert load_config(recipe, ["data.read_timeout_s=0"]).data.read_timeout_s == 0
 
 
 def _ranks(launcher: psutil.Process) -> dict[int, psutil.Process]:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from helpers import EPS32
 
+from smog_scale.method.health import label_churn
 from smog_scale.method.objectives import grouping_health
-from smog_scale.training.metrics import label_churn
 
 
 def reference_health(preds, labels, groups):

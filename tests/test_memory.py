@@ -15,7 +15,7 @@ from test_train import ROOT, TINY
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from smog_scale import train
-from smog_scale.config import schema as config
+from smog_scale.config.validation import load_config
 from smog_scale.data.multicrop import normalize
 from smog_scale.launch import memory_estimate
 from smog_scale.models.smog import SMoGModel
@@ -32,7 +32,7 @@ GPU_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if p.stem.star
 
 def test_fake_cuda_counts_what_a_real_forward_saves():
     """The same forward on real CPU tensors and on fake CUDA tensors saves the same bytes (float32)."""
-    cfg = config.load(ROOT / "recipes" / "demo_cpu.yaml", SMALL)
+    cfg = load_config(ROOT / "recipes" / "demo_cpu.yaml", SMALL)
     torch.manual_seed(0)
     real = memory_estimate.saved_activation_bytes(memory_estimate.build_model(cfg, "cpu"),
                                          [torch.randn(s) for s in memory_estimate.crop_shapes(cfg, 4)], "no")
@@ -46,7 +46,7 @@ def test_fake_cuda_counts_what_a_real_forward_saves():
 
 def test_bf16_autocast_applies_on_fake_cuda():
     """bf16 activations take about half the bytes of float32 ones (autocast is not silently off)."""
-    cfg = config.load(ROOT / "recipes" / "r50_400ep.yaml", ["optim.global_batch_size=512"])
+    cfg = load_config(ROOT / "recipes" / "r50_400ep.yaml", ["optim.global_batch_size=512"])
     bf16, fp32 = (memory_estimate.estimate(cfg, 8, precision).parts["activations"] for precision in ("bf16", "no"))
     assert 0.4 < bf16 / fp32 < 0.6
 
@@ -54,7 +54,7 @@ def test_bf16_autocast_applies_on_fake_cuda():
 def test_estimate_bounds_the_peak_measured_on_cpu():
     """The estimate against the peak that torch's MemTracker measures over two real float32 steps
     (forward, backward, LARS step) of the same networks and batch: above it, and within 10%."""
-    cfg = config.load(ROOT / "recipes" / "demo_cpu.yaml", SMALL)
+    cfg = load_config(ROOT / "recipes" / "demo_cpu.yaml", SMALL)
     estimate = memory_estimate.estimate(cfg, processes=1, precision="no")
     torch.manual_seed(0)
     model = memory_estimate.build_model(cfg, "cpu")
@@ -82,7 +82,7 @@ def test_recipe_states_its_estimated_memory(recipe):
     found = NOTE.search(recipe.read_text())
     assert found, f"{recipe.name} has no memory note"
     gib, batch, processes, precision = found.groups()
-    estimate = memory_estimate.estimate(config.load(recipe), int(processes), precision)
+    estimate = memory_estimate.estimate(load_config(recipe), int(processes), precision)
     assert estimate.batch_size_per_device == int(batch)
     assert f"{estimate.total / memory_estimate.GIB:.1f}" == gib, estimate.summary()
 

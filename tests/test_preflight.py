@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from smog_scale.config import preflight
-from smog_scale.config import schema as config
-from smog_scale.config.schema import Config, ConfigError
+from smog_scale.config.recipe_file import ConfigError
+from smog_scale.config.schema import Config, Derived, MonitorConfig, RunConfig, flatten, resolved
+from smog_scale.config.validation import load_config
 
-DERIVED = config.Derived(world_size=2, batch_size_per_device=16, num_samples=640, steps_per_epoch=10,
+DERIVED = Derived(world_size=2, batch_size_per_device=16, num_samples=640, steps_per_epoch=10,
                          total_steps=40, warmup_steps=10, scaled_lr=0.0375, cache_size_per_device=32768)
 
 
-def tree(*overrides: str, derived: config.Derived = DERIVED, tmp_path=None) -> dict:
-    """A resolved recipe tree (``config.resolved``) as a checkpoint's config.yaml holds it."""
+def tree(*overrides: str, derived: Derived = DERIVED, tmp_path=None) -> dict:
+    """A resolved recipe tree (``resolved``) as a checkpoint's config.yaml holds it."""
     path = tmp_path / "r.yaml"
     path.write_text("data:\n  train_shards: /x/s-{0..3}.tar\n")
-    return config.resolved(config.load(path, list(overrides)), derived)
+    return resolved(load_config(path, list(overrides)), derived)
 
 
 @pytest.mark.parametrize("override", [
@@ -47,10 +50,10 @@ def test_a_resume_allows_what_does_not(tmp_path, override):
 
 
 def test_derived_values_other_than_world_size_and_per_device_batch_must_match(tmp_path):
-    elastic = config.Derived(**{**DERIVED.__dict__, "world_size": 1, "batch_size_per_device": 32,
+    elastic = Derived(**{**DERIVED.__dict__, "world_size": 1, "batch_size_per_device": 32,
                                 "cache_size_per_device": 65536})
     assert preflight.resume_differences(tree(derived=elastic, tmp_path=tmp_path), tree(tmp_path=tmp_path)) == []
-    shorter = config.Derived(**{**DERIVED.__dict__, "steps_per_epoch": 9, "total_steps": 36})
+    shorter = Derived(**{**DERIVED.__dict__, "steps_per_epoch": 9, "total_steps": 36})
     differ = preflight.resume_differences(tree(derived=shorter, tmp_path=tmp_path), tree(tmp_path=tmp_path))
     assert [d.split(" ")[0] for d in differ] == ["derived.steps_per_epoch", "derived.total_steps"]
 
@@ -69,7 +72,7 @@ def test_new_keys_are_refused_unless_listed_and_old_checkpoints_compare_to_defau
 
 
 def test_the_allow_list_names_existing_keys_only(tmp_path):
-    keys = config.flatten(tree(tmp_path=tmp_path))
+    keys = flatten(tree(tmp_path=tmp_path))
     for allowed in preflight.MAY_CHANGE_ON_RESUME:
         assert any(k == allowed or k.startswith(f"{allowed}.") for k in keys), f"{allowed} is not a recipe key"
 
@@ -77,13 +80,13 @@ def test_the_allow_list_names_existing_keys_only(tmp_path):
 def test_monitor_shards_are_checked_when_the_monitor_is_on(tmp_path):
     shard = tmp_path / "s-0.tar"
     shard.write_bytes(b"")
-    base = Config(run=config.RunConfig(output_dir=str(tmp_path / "run"), trackers=[]))
+    base = Config(run=RunConfig(output_dir=str(tmp_path / "run"), trackers=[]))
     on = {"knn_every_epochs": 1, "knn_train_shards": str(tmp_path / "gone-{0..1}.tar"), "knn_val_shards": str(shard)}
     with pytest.raises(ConfigError, match=r"monitor.knn_train_shards: 2 of 2 shards of .*gone-\{0..1\}.tar' cannot "
                                           r"be read: .*gone-0.tar does not exist.*monitor.knn_every_epochs=0"):
-        preflight.check_paths(config.dataclasses.replace(base, monitor=config.MonitorConfig(**on)))
+        preflight.check_paths(dataclasses.replace(base, monitor=MonitorConfig(**on)))
     off = dict(on, knn_every_epochs=0)
-    preflight.check_paths(config.dataclasses.replace(base, monitor=config.MonitorConfig(**off)))
+    preflight.check_paths(dataclasses.replace(base, monitor=MonitorConfig(**off)))
 
 
 def test_output_dir_and_trackers(tmp_path):
@@ -91,11 +94,11 @@ def test_output_dir_and_trackers(tmp_path):
     for path, message in ((tmp_path / "file", "is a file, not a folder"),
                           (tmp_path / "file" / "run", "cannot create")):
         with pytest.raises(ConfigError, match=f"run.output_dir: .*{message}"):
-            preflight.check_paths(Config(run=config.RunConfig(output_dir=str(path), trackers=[])))
-    preflight.check_paths(Config(run=config.RunConfig(output_dir=str(tmp_path / "a" / "b"), trackers=[])))
+            preflight.check_paths(Config(run=RunConfig(output_dir=str(path), trackers=[])))
+    preflight.check_paths(Config(run=RunConfig(output_dir=str(tmp_path / "a" / "b"), trackers=[])))
     assert (tmp_path / "a" / "b").is_dir()
     pytest.importorskip("tensorboard")
     if "swanlab" not in {str(t) for t in preflight.get_available_trackers()}:
         with pytest.raises(ConfigError, match=r"run.trackers: swanlab not installed.*run.trackers=\[tensorboard\]"):
-            preflight.check_paths(Config(run=config.RunConfig(output_dir=str(tmp_path), trackers=["tensorboard",
+            preflight.check_paths(Config(run=RunConfig(output_dir=str(tmp_path), trackers=["tensorboard",
                                                                                                    "swanlab"])))

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from smog_scale.config import schema as config
-from smog_scale.config.schema import ConfigError
+from smog_scale.config.derived import derive
+from smog_scale.config.recipe_file import ConfigError
+from smog_scale.config.schema import flatten, to_dict
+from smog_scale.config.validation import load_config
 from smog_scale.models.smog import SMoGModel
 
 ROOT = Path(__file__).parent.parent / "recipes"
@@ -20,7 +22,7 @@ BACKBONE_MILLIONS = {"resnet50": 23.5, "resnet50x2": 93.9, "resnet50x4": 375.1,
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(ROOT).with_suffix("")) for p in RECIPES])
 def test_recipe_builds_on_meta_device(recipe):
-    cfg = config.load(recipe)
+    cfg = load_config(recipe)
     m = cfg.model
     with torch.device("meta"):
         model = SMoGModel(m.backbone, m.proj_hidden_dim, m.proj_dim, m.pred_hidden_dim, m.backbone_kwargs)
@@ -29,7 +31,7 @@ def test_recipe_builds_on_meta_device(recipe):
     print(f"{recipe.stem}: backbone {m.backbone} {backbone:.1f}M, all networks {total:.1f}M")
     assert backbone == pytest.approx(BACKBONE_MILLIONS[m.backbone], abs=0.1)
     world, samples = (1, 320) if recipe.stem == "demo_cpu" else (8, 1_281_167)  # demo set / ImageNet-1k
-    derived = config.derive(cfg, world_size=world, num_samples=samples)
+    derived = derive(cfg, world_size=world, num_samples=samples)
     assert derived.batch_size_per_device * world == cfg.optim.global_batch_size
 
 
@@ -59,7 +61,7 @@ TABLE_7 = {
 
 def differences(recipe: Path, base: Path) -> dict:
     """The resolved keys whose values differ from ``base``'s (the run folder aside)."""
-    mine, theirs = (config.flatten(config.to_dict(config.load(p))) for p in (recipe, base))
+    mine, theirs = (flatten(to_dict(load_config(p))) for p in (recipe, base))
     return {k: v for k, v in mine.items() if v != theirs[k] and k != "run.output_dir"}
 
 
@@ -77,11 +79,11 @@ def test_ablation_rows_differ_from_the_shared_row_only_in_their_keys():
 def test_recipe_base_is_laid_under_the_recipe(tmp_path):
     (tmp_path / "a.yaml").write_text("data: {train_shards: x}\ngrouping: {tau: 0.2, num_groups: 7}\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\ngrouping: {num_groups: 9}\n")
-    cfg = config.load(tmp_path / "b.yaml", ["grouping.tau=0.3"])
+    cfg = load_config(tmp_path / "b.yaml", ["grouping.tau=0.3"])
     assert (cfg.data.train_shards, cfg.grouping.num_groups, cfg.grouping.tau) == ("x", 9, 0.3)
     (tmp_path / "c.yaml").write_text("base: c.yaml\n")
     with pytest.raises(ConfigError, match="base must name another recipe"):
-        config.load(tmp_path / "c.yaml")
+        load_config(tmp_path / "c.yaml")
     (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml' does not exist"):
-        config.load(tmp_path / "d.yaml")
+        load_config(tmp_path / "d.yaml")

@@ -11,8 +11,9 @@ from steps import BATCH, synthetic_batch, tiny_state
 from test_train import ROOT, TINY, shards  # noqa: F401  (shards: module fixture)
 
 from smog_scale import train
-from smog_scale.config import schema as config
+from smog_scale.config.derived import derive
 from smog_scale.eval.plots import plot_training_curves
+from smog_scale.method import regroup_schedule
 from smog_scale.training import regrouping
 from smog_scale.training.step import TrainState, train_step
 
@@ -77,7 +78,7 @@ def test_table_7b_rows(tmp_path, shards, row):  # noqa: F811
 ])
 def test_first_regroup_step_is_when_the_caches_hold_enough_rows(tmp_path, shards, overrides, world, first):  # noqa: F811
     cfg = tiny_state(tmp_path, shards, *overrides).cfg
-    assert regrouping.first_regroup_step(cfg, config.derive(cfg, world, num_samples=640)) == first
+    assert regroup_schedule.first_regroup_step(cfg, derive(cfg, world, num_samples=640)) == first
 
 
 def test_trainer_regroups_as_soon_as_the_caches_hold_enough_then_periodically(tmp_path, shards):  # noqa: F811
@@ -93,10 +94,10 @@ def test_trainer_regroups_as_soon_as_the_caches_hold_enough_then_periodically(tm
 
 def test_schedule_line(tmp_path, shards):  # noqa: F811
     state = tiny_state(tmp_path, shards, "grouping.regroup_every=3")
-    assert regrouping.schedule(state.cfg, state.derived) == (
+    assert regroup_schedule.schedule(state.cfg, state.derived) == (
         "re-grouping: first after step 5 (when the caches hold 80 rows), then every 3 steps")
     state = tiny_state(tmp_path, shards, "model.objective=byol")
-    assert regrouping.schedule(state.cfg, state.derived) == "re-grouping: never (model.objective=byol)"
+    assert regroup_schedule.schedule(state.cfg, state.derived) == "re-grouping: never (model.objective=byol)"
 
 
 def test_health_signals_in_the_run_log(tmp_path, shards):  # noqa: F811

@@ -24,11 +24,12 @@ from gloo import run_on_ranks
 from test_train import ROOT, TINY, shards  # noqa: F401  (shards: module fixture)
 
 from smog_scale import train
-from smog_scale.config import schema as config
-from smog_scale.config.schema import ConfigError
-from smog_scale.export.timm_export import resolve_checkpoint
-from smog_scale.training import checkpoint, monitor, run_dir
+from smog_scale.config.recipe_file import ConfigError
+from smog_scale.config.validation import load_config
+from smog_scale.export.loading import resolve_checkpoint
+from smog_scale.training import checkpoint, loop, monitor, run_dir
 from smog_scale.training.run_dir import RunLock
+from smog_scale.training.run_log import RunLog
 
 RECIPE = ROOT / "recipes" / "demo_cpu.yaml"
 
@@ -147,12 +148,12 @@ def test_incompatible_resume_is_refused_listing_the_keys(run, shards, capsys):  
 
 
 def test_resume_never_refuses_a_folder_with_checkpoints_unless_overwrite(run, shards):  # noqa: F811
-    cfg = config.load(RECIPE, [f"run.output_dir={run}", f"data.train_shards={shards}", *TINY, "run.resume=never"])
+    cfg = load_config(RECIPE, [f"run.output_dir={run}", f"data.train_shards={shards}", *TINY, "run.resume=never"])
     with pytest.raises(ConfigError, match="run.resume=never: .* holds 3 checkpoint.s., newest step_00000003; "
                                           "continue them with run.resume=auto, or start over with run.overwrite=true"):
         run_dir.open_run(cfg, Accelerator(cpu=True))
     assert not (run / run_dir.LOCK_NAME).exists()
-    opened = run_dir.open_run(config.load(RECIPE, [f"run.output_dir={run}", f"data.train_shards={shards}", *TINY,
+    opened = run_dir.open_run(load_config(RECIPE, [f"run.output_dir={run}", f"data.train_shards={shards}", *TINY,
                                                    "run.resume=never", "run.overwrite=true"]), Accelerator(cpu=True))
     try:
         assert opened.resume_from is None and (run / run_dir.LOCK_NAME).exists()
@@ -191,7 +192,7 @@ def test_a_second_job_is_refused_naming_the_holder_and_a_dead_holder_is_taken_ov
         holder.kill()  # a crash: the lock stays behind
         holder.wait()
     assert (run / run_dir.LOCK_NAME).exists()
-    cfg = config.load(RECIPE, [f"run.output_dir={run}", f"data.train_shards={shards}", *TINY, "run.max_steps=4"])
+    cfg = load_config(RECIPE, [f"run.output_dir={run}", f"data.train_shards={shards}", *TINY, "run.max_steps=4"])
     opened = run_dir.open_run(cfg, Accelerator(cpu=True))
     opened.close()
     assert f"took over the stale lock of a job that is gone (host {socket.gethostname()}, pid {holder.pid}" \
@@ -204,7 +205,7 @@ def test_the_lock_is_released_when_training_fails(run, shards, monkeypatch):  # 
         assert (run / run_dir.LOCK_NAME).exists()
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(train, "train", crash)
+    monkeypatch.setattr(loop, "train", crash)
     with pytest.raises(RuntimeError, match="boom"):
         run_main(run, shards, "run.max_steps=4")
     assert not (run / run_dir.LOCK_NAME).exists()
@@ -269,27 +270,27 @@ def _two_ranks_agree(rank, world, shards, out):  # noqa: F811  (shards: a path h
                  "monitor.knn_every_epochs=1", f"monitor.knn_train_shards={shards}", f"monitor.knn_val_shards={shards}",
                  "monitor.image_size=32", "monitor.batch_size=16", "data.num_workers=0"]
     result = {}
-    real_check = run_dir.preflight.check_paths
+    real_check = run_dir.check_paths
     if rank == 1:
         def refuse(cfg):
             raise ConfigError("data.train_shards: not on this node")
-        run_dir.preflight.check_paths = refuse
+        run_dir.check_paths = refuse
     try:
-        run_dir.open_run(config.load(RECIPE, overrides), accelerator)
+        run_dir.open_run(load_config(RECIPE, overrides), accelerator)
     except ConfigError as err:
         result["refused"] = type(err).__name__, str(err)
         result["lock_after_refusal"] = (Path(out) / run_dir.LOCK_NAME).exists()
-    run_dir.preflight.check_paths = real_check
-    cfg = config.load(RECIPE, overrides)
+    run_dir.check_paths = real_check
+    cfg = load_config(RECIPE, overrides)
     opened = run_dir.open_run(cfg, accelerator)
     result["resume_from"] = str(opened.resume_from)
-    state = train.build(cfg, accelerator, opened.derived)
+    state = loop.build(cfg, accelerator, opened.derived)
     if rank == 1:  # this rank's copy of the monitor shards is gone
         real = monitor.build_eval_loader
         monitor.build_eval_loader = lambda urls, **kw: real(str(Path(out) / "gone-{0..1}.tar"), **kw)
-    log, warnings = train.RunLog(state), io.StringIO()
+    log, warnings = RunLog(state), io.StringIO()
     with contextlib.redirect_stderr(warnings):
-        train.knn_monitor(state, log)
+        loop.knn_monitor(state, log)
     log.bar.close()  # not log.close(): Accelerate's end_training would end the process group gloo.py ends
     result["warning"] = warnings.getvalue()
     opened.close()

@@ -19,11 +19,13 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from test_train import ROOT, TINY, launch, records, shards  # noqa: F401  (shards: module fixture)
 
-from smog_scale import dist, train
-from smog_scale.config import schema as config
+from smog_scale import dist
+from smog_scale.config.derived import derive
+from smog_scale.config.schema import Config
+from smog_scale.config.validation import crop_specs, load_config
 from smog_scale.data.shards import build_train_loader
 from smog_scale.method import schedules
-from smog_scale.training import checkpoint
+from smog_scale.training import checkpoint, loop
 
 RECIPE = ROOT / "recipes" / "demo_cpu.yaml"
 SHARD_NAMES = "shard-{000000..000007}.tar"  # the 8 demo shards of 10 images (test_train.shards)
@@ -89,8 +91,9 @@ import sys
 from pathlib import Path
 from safetensors.torch import save_file
 from smog_scale import dist, train
+from smog_scale.training import loop
 
-_save = train.save
+_save = loop.save
 
 def save(state):
     path = _save(state)
@@ -99,7 +102,7 @@ def save(state):
     save_file(params, str(Path(state.cfg.run.output_dir) / f"params_rank{dist.rank()}.safetensors"))
     return path
 
-train.save = save
+loop.save = save
 sys.exit(train.main())
 '''
 
@@ -121,8 +124,8 @@ def launch_node(script: Path, run: Path, machine_rank: int, port: int, *override
                             start_new_session=True)
 
 
-def tiny_config(run: Path, shards_url: str, *overrides: str) -> config.Config:
-    return config.load(RECIPE, [f"run.output_dir={run}", f"data.train_shards={shards_url}", *TINY, *overrides])
+def tiny_config(run: Path, shards_url: str, *overrides: str) -> Config:
+    return load_config(RECIPE, [f"run.output_dir={run}", f"data.train_shards={shards_url}", *TINY, *overrides])
 
 
 @pytest.mark.slow
@@ -152,7 +155,7 @@ def test_two_nodes_on_loopback_stream_http_shards(tmp_path, shards):
         streams = []
         for rank, server in enumerate(servers):
             trained = list(server.requests)
-            loader = build_train_loader(f"{server.url}/{SHARD_NAMES}", crops=config.crop_specs(cfg), batch_size=8,
+            loader = build_train_loader(f"{server.url}/{SHARD_NAMES}", crops=crop_specs(cfg), batch_size=8,
                                         num_workers=0, seed=cfg.run.seed, rank=rank, world_size=2, num_samples=80,
                                         shuffle_buffer=cfg.data.shuffle_buffer)
             next(iter(loader))
@@ -206,7 +209,7 @@ def _load_in_process(tmp_path: Path, shards: Path, ckpt: Path, *overrides: str):
     """``checkpoint.load`` into a freshly built one-process trainer state; returns (state, counters)."""
     cfg = tiny_config(tmp_path / "scratch", str(shards), *overrides)
     accelerator = Accelerator(cpu=True)
-    state = train.build(cfg, accelerator)
+    state = loop.build(cfg, accelerator)
     return state, checkpoint.load(accelerator, ckpt, state.bank, state.cache)
 
 
@@ -233,8 +236,8 @@ def test_cache_size_is_the_union_over_ranks(tmp_path, shards):
     """grouping.cache_size is what k-means clusters on any world size: each rank keeps its share."""
     cfg = tiny_config(tmp_path / "run", str(shards), "grouping.cache_size=100", "optim.global_batch_size=48")
     for world, share in ((1, 100), (2, 50), (3, 33)):
-        derived = config.derive(cfg, world, num_samples=480)
-        state = train.build(cfg, Accelerator(cpu=True), derived)
+        derived = derive(cfg, world, num_samples=480)
+        state = loop.build(cfg, Accelerator(cpu=True), derived)
         assert derived.cache_size_per_device == state.cache.capacity == share
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from test_train import ROOT, TINY
 
-from smog_scale.config import schema as config
+from smog_scale.config.validation import load_config
 from smog_scale.launch import selfcheck
 from smog_scale.launch.selfcheck import Context
 from smog_scale.launch.selfcheck_runner import Check, Failed, Skipped, run_checks, table
@@ -21,7 +21,7 @@ TINY_MODEL = [o for o in TINY if o.startswith(("model.", "data.crops", "data.num
 
 def _context(tmp_path) -> Context:
     recipe = str(ROOT / "recipes" / "demo_cpu.yaml")
-    return Context(recipe, [], tmp_path, config.load(recipe, ["data.train_shards=unused"]))
+    return Context(recipe, [], tmp_path, load_config(recipe, ["data.train_shards=unused"]))
 
 
 def _fails(_ctx: Context) -> str:

@@ -41,8 +41,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from smog_scale.export.loading import CheckpointLoadError
 from smog_scale.export.resnet_formats import FORMATS, FormatError
-from smog_scale.export.timm_export import CHECK_TOLERANCE, CheckpointLoadError, export_timm
+from smog_scale.export.timm_export import CHECK_TOLERANCE, export_timm
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,7 +50,7 @@ from smog_scale.eval.finetune import (
     prepare_subset,
     subset_loader,
 )
-from smog_scale.export.timm_export import CheckpointLoadError, load_eval_backbone
+from smog_scale.export.loading import CheckpointLoadError, load_eval_backbone
 
 
 def _fraction(text: str) -> float:

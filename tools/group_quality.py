@@ -24,9 +24,9 @@ from accelerate import Accelerator
 
 from smog_scale import dist
 from smog_scale.data.shards import ShardOpenError, build_eval_loader, read_manifest
-from smog_scale.eval.evaluate import group_assignments, group_quality
+from smog_scale.eval.group_quality import group_assignments, group_quality
 from smog_scale.eval.plots import plot_group_quality
-from smog_scale.export.timm_export import CheckpointLoadError, input_side, load_groups, load_model, resolve_checkpoint
+from smog_scale.export.loading import CheckpointLoadError, input_side, load_groups, load_model, resolve_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,8 +27,10 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from smog_scale.data.shards import ShardError, build_eval_loader, check_shards
-from smog_scale.eval.evaluate import KNN_K, KNN_TEMPERATURE, knn_evaluate, reestimate_batchnorm, shard_features
-from smog_scale.export.timm_export import CheckpointLoadError, load_eval_backbone
+from smog_scale.eval.batchnorm import reestimate_batchnorm
+from smog_scale.eval.features import shard_features
+from smog_scale.eval.knn import KNN_K, KNN_TEMPERATURE, knn_evaluate
+from smog_scale.export.loading import CheckpointLoadError, load_eval_backbone
 
 
 def build_parser() -> argparse.ArgumentParser:

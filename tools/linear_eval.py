@@ -28,17 +28,17 @@ from accelerate import Accelerator
 
 from smog_scale import dist
 from smog_scale.data.shards import ShardError, build_train_loader, check_shards, read_manifest
-from smog_scale.eval.evaluate import (
+from smog_scale.eval.features import shard_features
+from smog_scale.eval.linear_probe import (
     Batches,
     LinearProbe,
     backbone_batches,
     probe_accuracy,
     probe_train_crop,
-    shard_features,
     shuffled_batches,
     train_linear_probe,
 )
-from smog_scale.export.timm_export import CheckpointLoadError, EvalBackbone, load_eval_backbone
+from smog_scale.export.loading import CheckpointLoadError, EvalBackbone, load_eval_backbone
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from smog_scale.config import schema as config
-from smog_scale.config.schema import ConfigError
+from smog_scale.config.recipe_file import ConfigError
+from smog_scale.config.validation import load_config
 from smog_scale.launch import memory_estimate
 
 
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="autocast precision of the launch (default: bf16, as accelerate_configs/8gpu_bf16.yaml)")
     args = parser.parse_args(argv)
     try:
-        cfg = config.load(args.recipe, args.overrides)
+        cfg = load_config(args.recipe, args.overrides)
         for processes in args.processes:
             print(memory_estimate.estimate(cfg, processes, args.precision).summary())
     except ConfigError as err:

@@ -37,7 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from smog_scale.config import schema as config
+from smog_scale.config.derived import derive
+from smog_scale.config.recipe_file import ConfigError
+from smog_scale.config.schema import Config
+from smog_scale.config.validation import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,7 +140,7 @@ def human_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def trainable_params(cfg: config.Config) -> int | None:
+def trainable_params(cfg: Config) -> int | None:
     """Parameters whose gradients DDP all-reduces every step (a reference scale), built on the meta device."""
     import torch
 
@@ -152,7 +155,7 @@ def trainable_params(cfg: config.Config) -> int | None:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def setup_from(cfg: config.Config) -> Setup:
+def setup_from(cfg: Config) -> Setup:
     from smog_scale.method import kmeans
 
     g = cfg.grouping
@@ -220,7 +223,7 @@ def recipe_path(name: str) -> Path:
     if named.is_file():
         return named
     known = ", ".join(sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")))
-    raise config.ConfigError(f"no recipe {name!r}: give a recipe file or one of {known}")
+    raise ConfigError(f"no recipe {name!r}: give a recipe file or one of {known}")
 
 
 def positive_int(text: str) -> int:
@@ -230,12 +233,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def launch_error(cfg: config.Config, world: int) -> str | None:
+def launch_error(cfg: Config, world: int) -> str | None:
     """Why the trainer refuses this recipe on ``world`` GPUs (a batch that does not split, K above the
     caches), or None."""
     try:
-        config.derive(cfg, world, num_samples=cfg.optim.global_batch_size * max(1, cfg.data.num_workers))
-    except config.ConfigError as err:
+        derive(cfg, world, num_samples=cfg.optim.global_batch_size * max(1, cfg.data.num_workers))
+    except ConfigError as err:
         return str(err)
     return None
 
@@ -252,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip the DDP gradient reference column")
     args = parser.parse_args(argv)
     try:
-        cfg = config.load(recipe_path(args.recipe), [])
-    except config.ConfigError as err:
+        cfg = load_config(recipe_path(args.recipe), [])
+    except ConfigError as err:
         print(f"scaling_table: error: {err}", file=sys.stderr)
         return 2
     refused = {world: launch_error(cfg, world) for world in args.worlds or DEFAULT_WORLDS}

@@ -1,9 +1,10 @@
-"""Checks before any work: every path a recipe names, the launch's derived values, the trackers, and
-whether a checkpoint's recipe lets a resume continue the same run.
+"""Checks before any work: the paths a recipe names, the trackers, and which keys a resume may change.
 
 Each failure is a ``ConfigError`` with one line naming the key; ``train.py`` exits 2 with it before the
-first step. What ``config.validate`` can check from the recipe alone lives there; this module holds the
-checks that look at the filesystem, the installed packages or a checkpoint.
+first step. What ``validation.validate`` can check from the recipe alone lives there, the training shards
+are checked where the launch's values are derived (``derived.samples_per_epoch``), and a checkpoint's
+recipe is compared by ``training.run_dir`` with :func:`resume_differences`; this module holds the checks
+that look at the filesystem and the installed packages, and the comparison of two resolved recipes.
 """
 
 from __future__ import annotations
@@ -13,13 +14,11 @@ import reprlib
 from pathlib import Path
 from typing import Any
 
-import yaml
 from accelerate.tracking import get_available_trackers
 
-from smog_scale.config import schema as config
-from smog_scale.config.schema import Config, ConfigError, Derived
-from smog_scale.data.shards import check_shards, count_samples
-from smog_scale.training import checkpoint
+from smog_scale.config.recipe_file import ConfigError
+from smog_scale.config.schema import Config, flatten, to_dict
+from smog_scale.data.shard_list import check_shards
 
 # Keys that may differ between a checkpoint's recipe and the recipe resuming it, each with the reason.
 # Every other key, including any key added to the schema later, must match: a new key is refused on
@@ -52,25 +51,6 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "derived.cache_size_per_device": "follows the world size; the union grouping.cache_size is kept",
 }
 _ABSENT = "<absent>"
-
-
-def samples_per_epoch(cfg: Config) -> int:
-    """Samples per epoch: the recipe's, else the shards' manifests; missing shards fail here."""
-    try:
-        check_shards(cfg.data.train_shards)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"data.train_shards: {err}") from err
-    if cfg.data.num_samples is not None:
-        return cfg.data.num_samples
-    try:
-        return count_samples(cfg.data.train_shards)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise ConfigError(f"data.num_samples is not set and no manifest gives it: {err}") from err
-
-
-def derive(cfg: Config, world_size: int) -> Derived:
-    """``config.derive`` for this launch, after checking the training shards."""
-    return config.derive(cfg, world_size, samples_per_epoch(cfg))
 
 
 def check_paths(cfg: Config) -> None:
@@ -108,29 +88,13 @@ def may_change_on_resume(key: str) -> bool:
 
 def resume_differences(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
     """Dotted keys, as ``"key (checkpoint X, now Y)"``, whose values differ between two resolved recipe
-    trees (``config.resolved``: the config plus its ``derived`` section) and may not change on resume.
+    trees (``schema.resolved``: the config plus its ``derived`` section) and may not change on resume.
     A key the saved recipe lacks (added to the schema since) compares against its default."""
-    now, then = config.flatten(current), config.flatten(saved)
-    defaults = config.flatten(config.to_dict(Config()))
+    now, then = flatten(current), flatten(saved)
+    defaults = flatten(to_dict(Config()))
     differ = []
     for key in [*now, *(k for k in then if k not in now)]:
         old, new = then.get(key, defaults.get(key, _ABSENT)), now.get(key, _ABSENT)
         if old != new and not may_change_on_resume(key):
             differ.append(f"{key} (checkpoint {reprlib.repr(old)}, now {reprlib.repr(new)})")
     return differ
-
-
-def check_resume(cfg: Config, derived: Derived, path: Path) -> str | None:
-    """Refuse to resume from checkpoint ``path`` with a recipe that differs from its own in a key that
-    must not change (``ConfigError`` listing them). Returns a note when the checkpoint has no recipe."""
-    source = checkpoint.recipe_file(path)
-    if not source.is_file():
-        return f"{path} holds no recipe ({source} missing): the resume's compatibility is not checked"
-    saved = yaml.safe_load(source.read_text()) or {}
-    differ = resume_differences(config.resolved(cfg, derived), saved)
-    if differ:
-        raise ConfigError(
-            f"run.resume: {path} was trained with another recipe ({source}); these keys differ: "
-            f"{'; '.join(differ)}. Resume with its values, or start a new run (another run.output_dir, or "
-            f"run.resume=never run.overwrite=true)")
-    return None

@@ -1,27 +1,18 @@
-"""The recipe schema: nested dataclasses loaded from YAML (``smog_scale.config.recipe_file``) plus dotted overrides,
-validated once.
+"""The recipe schema: nested frozen dataclasses, one per recipe section, and the values derived for a launch.
 
-Every field's comment gives its source or recommended range and how it fails. Errors are
-``ConfigError`` with one line naming the key; ``train.py`` turns them into exit code 2 before any
-work starts. Derived values (``global_batch_size``, ``scaled_lr``, ...) are computed from a frozen
-config by ``derived()``, never written back into it.
+Every field's comment gives its source or recommended range and how it fails. Recipes become a
+``Config`` through :mod:`smog_scale.config.validation`; :mod:`smog_scale.config.derived` computes a
+``Derived``. The resolved tree of both is what a run saves as ``config.yaml``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from accelerate.utils import LoggerType
-
-from smog_scale.config.recipe_file import ConfigError, parse_override, read_recipe
 
 
 @dataclass(frozen=True)
@@ -37,6 +28,7 @@ class RunConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # Accelerate's: also "wandb", "mlflow"...
     max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) steps before the job stops
     mixed_precision: Literal["launcher", "no", "bf16", "fp16"] = "launcher"  # "launcher": accelerate's flag
+
 
 
 @dataclass(frozen=True)
@@ -64,6 +56,7 @@ class DataConfig:
     )
 
 
+
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet50"  # any timm name, plus resnet50x2 / resnet50x4 (SimCLR widths)
@@ -77,6 +70,7 @@ class ModelConfig:
     # "smog": group contrast (docs/method.md); "byol": the instance-level control, the same networks with
     # BYOL's loss and no grouping (every grouping.* key is then unused: no k-means, cache or G updates)
     objective: Literal["smog", "byol"] = "smog"
+
 
 
 @dataclass(frozen=True)
@@ -101,6 +95,7 @@ class GroupingConfig:
     kmeans_iters: int = 20
 
 
+
 @dataclass(frozen=True)
 class OptimConfig:
     name: Literal["lars", "sgd", "adamw"] = "lars"  # LARS for ResNets (BYOL), AdamW for Swin (MoCo v3)
@@ -118,6 +113,7 @@ class OptimConfig:
     clip_grad_norm: float | None = None  # clip the global gradient norm (> 0); None: no clipping
 
 
+
 @dataclass(frozen=True)
 class MonitorConfig:
     knn_every_epochs: int = 0  # weighted kNN (k=20, T=0.07) of the online backbone every N epochs; 0: off
@@ -125,6 +121,7 @@ class MonitorConfig:
     knn_val_shards: str = ""  # labelled shards that are classified
     image_size: int = 224  # center crop of the monitor's images
     batch_size: int = 256  # images per rank per extraction batch
+
 
 
 @dataclass(frozen=True)
@@ -136,163 +133,6 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def _unknown_key(full: str, key: str, names: list[str], prefix: str) -> ConfigError:
-    """The error for an unknown key, suggesting the closest valid one (spelling, then substring)."""
-    close = difflib.get_close_matches(key, names, n=1) or [n for n in names if key in n or n in key][:1]
-    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-    return ConfigError(f"unknown key {full!r}{hint}")
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise _unknown_key(full, str(key), names, prefix)
-        if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{full}: expected a section (mapping), got {value!r}")
-            kwargs[key] = _build(hints[key], value, f"{full}.")
-        else:
-            kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
-
-
-def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Recipe YAML (over its ``base``, if it names one), then ``dotted.key=value`` overrides (values parsed as
-    YAML), validated."""
-    values = read_recipe(Path(path))
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = values
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {k} is not a section")
-        node[keys[-1]] = value
-    config = _build(Config, values, "")
-    validate(config)
-    return config
-
-
-def _longest_open(data: DataConfig) -> float:
-    """Seconds a shard may legitimately take to open: every attempt stalls, with the back-off between."""
-    attempts = data.open_attempts
-    return attempts * data.stall_timeout_s + data.retry_delay_s * attempts * (attempts - 1) / 2
-
-
-def validate(config: Config) -> None:
-    """Checks across fields that types alone cannot express; raises ConfigError naming the key."""
-    run, optim = config.run, config.optim
-    trackers = [t.value for t in LoggerType]
-    checks = [
-        (config.data.train_shards != "", "data.train_shards: no training shards given"),
-        (run.log_every >= 1, "run.log_every must be at least 1"),
-        (run.save_every >= 1, "run.save_every must be at least 1"),
-        (run.max_nonfinite_steps >= 1, "run.max_nonfinite_steps must be at least 1"),
-        (run.seed >= 0, "run.seed must not be negative"),
-        (all(t in trackers for t in run.trackers),
-         f"run.trackers: {run.trackers} names an unknown tracker; Accelerate's are {', '.join(trackers)}"),
-        (optim.base_lr >= 0, "optim.base_lr must not be negative"),
-        (optim.final_lr >= 0, "optim.final_lr must not be negative"),
-        (0 <= optim.momentum < 1, "optim.momentum must lie in [0, 1)"),
-        (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "optim.betas must be 2 values in [0, 1)"),
-        (optim.clip_grad_norm is None or optim.clip_grad_norm > 0,
-         "optim.clip_grad_norm must be positive (null: no clipping)"),
-        (config.optim.global_batch_size > 0, "optim.global_batch_size must be positive"),
-        (config.optim.grad_accum_steps > 0, "optim.grad_accum_steps must be positive"),
-        (config.optim.epochs > 0, "optim.epochs must be positive"),
-        (0 < config.grouping.tau, "grouping.tau must be positive"),
-        (0 <= config.grouping.beta_end <= 1 and 0 <= config.grouping.beta_start <= 1,
-         "grouping.beta_start/beta_end must lie in [0, 1]"),
-        (0 <= config.optim.ema_start <= 1, "optim.ema_start must lie in [0, 1]"),
-        (config.grouping.regroup_every >= 0, "grouping.regroup_every must not be negative (0: never re-group)"),
-        (config.grouping.reset_every is None or config.grouping.reset_every > 0,
-         "grouping.reset_every must be positive (null: reset at each re-grouping)"),
-        (config.grouping.reset_every is None or config.grouping.reset_momentum,
-         "grouping.reset_every needs grouping.reset_momentum=true"),
-        (not config.grouping.reset_momentum or config.grouping.reset_every or config.grouping.regroup_every,
-         ("grouping.reset_momentum=true with grouping.regroup_every=0 needs grouping.reset_every (steps between "
-          "resets), or set grouping.reset_momentum=false")),
-        (config.grouping.num_groups >= 2, "grouping.num_groups must be at least 2"),
-        (config.grouping.cache_size >= 1, "grouping.cache_size must be positive"),
-        (config.grouping.min_rows_per_group >= 1, "grouping.min_rows_per_group must be at least 1"),
-        (config.run.max_steps is None or config.run.max_steps > 0, "run.max_steps must be positive"),
-        (config.run.keep_last >= 1, "run.keep_last must be at least 1"),
-        (config.data.open_attempts >= 1, "data.open_attempts must be at least 1"),
-        (config.data.retry_delay_s >= 0, "data.retry_delay_s must not be negative"),
-        (config.data.stall_timeout_s > 0, "data.stall_timeout_s must be positive"),
-        (config.data.max_consecutive_failures >= 1, "data.max_consecutive_failures must be at least 1"),
-        (config.data.read_timeout_s == 0 or config.data.read_timeout_s > _longest_open(config.data),
-         f"data.read_timeout_s={config.data.read_timeout_s:g} must be 0 (no timeout) or exceed a shard's longest "
-         f"open, data.open_attempts x data.stall_timeout_s + the retry delays = {_longest_open(config.data):g} s"),
-        (config.monitor.knn_every_epochs == 0
-         or bool(config.monitor.knn_train_shards and config.monitor.knn_val_shards),
-         "monitor.knn_every_epochs needs monitor.knn_train_shards and monitor.knn_val_shards"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    specs = crop_specs(config)
-    if sum(spec.count for spec in specs if spec.size == specs[0].size) < 2:
-        raise ConfigError("data.crops: the first crop size must have at least 2 views (the global views a, b)")
-
-
-def crop_specs(config: Config) -> list:
-    """``data.crops`` as ``multicrop.CropSpec`` records; a bad field fails naming its index and key."""
-    from smog_scale.data.multicrop import CropSpec  # torchvision import deferred to validation
-
-    hints = typing.get_type_hints(CropSpec)
-    specs = []
-    for index, record in enumerate(config.data.crops):
-        for key in record:
-            if key not in hints:
-                raise _unknown_key(f"data.crops[{index}].{key}", key, list(hints), "")
-        typed = {key: _coerce(value, hints[key], f"data.crops[{index}].{key}") for key, value in record.items()}
-        try:
-            specs.append(CropSpec(**typed))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"data.crops[{index}]: {err}") from err
-    return specs
 
 
 @dataclass(frozen=True)
@@ -309,48 +149,10 @@ class Derived:
     cache_size_per_device: int  # grouping.cache_size // world_size rows in each rank's feature cache
 
 
-def derive(config: Config, world_size: int, num_samples: int) -> Derived:
-    """Per-device batch, schedule lengths and the scaled learning rate for this launch.
-
-    Raises ConfigError when the global batch does not split evenly over ranks x accumulation, when
-    the union of the feature caches (each rank's share of ``grouping.cache_size``) cannot hold K groups, or
-    when an epoch is shorter than a step.
-    """
-    optim, grouping = config.optim, config.grouping
-    split = world_size * optim.grad_accum_steps
-    if optim.global_batch_size % split:
-        raise ConfigError(
-            f"optim.global_batch_size={optim.global_batch_size} is not divisible by world size {world_size} "
-            f"x optim.grad_accum_steps={optim.grad_accum_steps}"
-        )
-    share = grouping.cache_size // world_size
-    if config.model.objective == "smog" and grouping.num_groups > share * world_size:
-        raise ConfigError(
-            f"grouping.num_groups={grouping.num_groups} exceeds the feature cache: grouping.cache_size="
-            f"{grouping.cache_size} leaves each of {world_size} rank(s) {share} rows ({share * world_size} in all), "
-            f"below K / world size = {grouping.num_groups / world_size:g}"
-        )
-    # What the loader yields per rank: whole batches, split evenly over its workers.
-    workers = max(1, config.data.num_workers)
-    batches_per_rank = num_samples // (optim.global_batch_size // optim.grad_accum_steps) // workers * workers
-    steps_per_epoch = batches_per_rank // optim.grad_accum_steps
-    if steps_per_epoch < 1:
-        raise ConfigError(f"data.num_samples={num_samples} gives no whole step of optim.global_batch_size="
-                          f"{optim.global_batch_size} for each of data.num_workers={workers} loader workers")
-    return Derived(
-        world_size=world_size,
-        batch_size_per_device=optim.global_batch_size // split,
-        num_samples=num_samples,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=steps_per_epoch * optim.epochs,
-        warmup_steps=round(steps_per_epoch * optim.warmup_epochs),
-        scaled_lr=optim.base_lr * optim.global_batch_size / 256,
-        cache_size_per_device=share,
-    )
-
 
 def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -364,12 +166,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+
 def resolved(config: Config, derived: Derived | None = None) -> dict[str, Any]:
     """The resolved config as a tree, plus a ``derived`` section with the values derived for this launch."""
     tree = to_dict(config)
     if derived is not None:
         tree["derived"] = dataclasses.asdict(derived)
     return tree
+
 
 
 def dump(config: Config, path: str | Path, derived: Derived | None = None) -> None:

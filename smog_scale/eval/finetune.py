@@ -47,7 +47,9 @@ from smog_scale.data.subset import (
     subset_from_names,
     write_subset_shards,
 )
-from smog_scale.eval.evaluate import TOPK, extract_features, probe_train_crop, topk_correct
+from smog_scale.eval.accuracy import TOPK, topk_correct
+from smog_scale.eval.features import extract_features
+from smog_scale.eval.linear_probe import probe_train_crop
 from smog_scale.method import schedules
 
 CHECKPOINT_NAME = "checkpoint.pt"

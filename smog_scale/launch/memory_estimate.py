@@ -37,7 +37,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from smog_scale.config import schema as config
+from smog_scale.config.derived import derive
+from smog_scale.config.schema import Config
+from smog_scale.config.validation import crop_specs
 from smog_scale.models.smog import SMoGModel
 
 Precision = Literal["no", "bf16", "fp16"]
@@ -68,16 +70,16 @@ class MemoryEstimate:
                 f"({self.processes} processes, precision {self.precision}): {parts}")
 
 
-def crop_shapes(cfg: config.Config, batch: int) -> list[tuple[int, ...]]:
+def crop_shapes(cfg: Config, batch: int) -> list[tuple[int, ...]]:
     """The model's input: one [views, batch, 3, S, S] per crop size, in order of first appearance
     (as ``multicrop.collate_views`` batches them)."""
     views: dict[int, int] = {}
-    for spec in config.crop_specs(cfg):
+    for spec in crop_specs(cfg):
         views[spec.size] = views.get(spec.size, 0) + spec.count
     return [(count, batch, 3, size, size) for size, count in views.items()]
 
 
-def build_model(cfg: config.Config, device: str | torch.device = "meta") -> SMoGModel:
+def build_model(cfg: Config, device: str | torch.device = "meta") -> SMoGModel:
     """The recipe's SMoG networks, uninitialized on ``device`` (meta: no memory)."""
     m = cfg.model
     with torch.device(device):
@@ -128,11 +130,11 @@ def fake_cuda() -> Iterator[None]:
         yield
 
 
-def estimate(cfg: config.Config, processes: int, precision: Precision) -> MemoryEstimate:
+def estimate(cfg: Config, processes: int, precision: Precision) -> MemoryEstimate:
     """Peak bytes per device of a step of ``cfg`` launched with ``processes`` processes in ``precision``.
 
     Raises ConfigError when the global batch does not split over processes x accumulation."""
-    batch = config.derive(cfg, processes, num_samples=10**9).batch_size_per_device
+    batch = derive(cfg, processes, num_samples=10**9).batch_size_per_device
     model = build_model(cfg)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
     shapes = crop_shapes(cfg, batch)
@@ -151,13 +153,3 @@ def estimate(cfg: config.Config, processes: int, precision: Precision) -> Memory
         "momentum_forward": momentum_step,
     }
     return MemoryEstimate(batch, processes, precision, parts)
-
-
-def oom_advice(cfg: config.Config, derived: config.Derived, step: int) -> str:
-    """The one line a CUDA out-of-memory error ends with: the per-device batch and the keys that lower it."""
-    accumulation = cfg.optim.grad_accum_steps
-    return (f"CUDA out of memory at step {step + 1} with {derived.batch_size_per_device} images per device "
-            f"(optim.global_batch_size={cfg.optim.global_batch_size} / ({derived.world_size} processes x "
-            f"optim.grad_accum_steps={accumulation})): launch more processes or set "
-            f"optim.grad_accum_steps={2 * accumulation} to halve the per-device batch; "
-            f"`python tools/memory.py RECIPE --processes N` estimates the memory")

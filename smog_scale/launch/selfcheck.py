@@ -2,9 +2,10 @@
 
 Run it as the long job will run (``accelerate launch [the job's options] tools/selfcheck.py ...``): the
 checks use the recipe's backbone and the launch's precision, world size and DeepSpeed setting on tiny
-demo shards. They drive the trainer through its command line (``train.main(argv)``: exit codes,
-``metrics.jsonl``, checkpoints), so they follow it as it changes. ``DIR`` (default ``selfcheck``, on a
-filesystem every node sees) has its ``images``, ``shards``, ``run``, ``full`` and ``export`` replaced.
+demo shards. They drive the trainer through its command line (``smog_scale/train.py``'s ``main(argv)``:
+exit codes, ``metrics.jsonl``, checkpoints), so they follow it as it changes. ``DIR`` (default
+``selfcheck``, on a filesystem every node sees) has its ``images``, ``shards``, ``run``, ``full`` and
+``export`` replaced.
 
 ``CHECKS``, in order (one that needs a check that did not pass is skipped): a few steps with a
 re-grouping every 2 steps (k-means and its logging), the checkpoint, a resume, the pre-emption signal
@@ -42,9 +43,9 @@ from accelerate import PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, parse_flag_from_env
 
-from smog_scale import train
-from smog_scale.config import schema as config
-from smog_scale.config.schema import ConfigError
+from smog_scale.config.recipe_file import ConfigError
+from smog_scale.config.schema import Config
+from smog_scale.config.validation import crop_specs, load_config
 from smog_scale.data.converter.make_shards import ConvertOptions, convert
 from smog_scale.data.synthetic.demo import write_demo
 from smog_scale.launch import memory_estimate
@@ -55,6 +56,7 @@ STEPS = 4  # the first run; re-grouping every 2 steps, so k-means runs twice
 BATCH_PER_DEVICE = 8  # for every run but the full-batch one
 PREEMPT_WINDOW = 50  # steps the pre-emption run may take; a signal that does not stop it fails the check
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
+TRAINER = Path(__file__).resolve().parents[1] / "train.py"  # run as the script it is, never imported
 
 
 @dataclass
@@ -64,7 +66,7 @@ class Context:
     recipe: str
     overrides: list[str]
     out: Path
-    cfg: config.Config
+    cfg: Config
     found: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,18 +102,18 @@ class Context:
         return [f"data.num_samples={global_batch * workers * 64}", "data.shuffle_buffer=64"]
 
     def train(self, run: str, *overrides: str) -> None:
-        """``train.main`` on the demo shards into ``DIR/run``; Failed unless it exits 0 (on any rank)."""
+        """The trainer's ``main`` on the demo shards into ``DIR/run``; Failed unless it exits 0 (on any rank)."""
         argv = [self.recipe, *self.overrides, f"data.train_shards={self.out / 'shards'}",
                 f"run.output_dir={self.out / run}", "run.trackers=[]", "run.log_every=1", "run.save_every=100000",
                 "monitor.knn_every_epochs=0", *overrides]
-        # Each run as in a fresh process, but for the process group: train.main ends with Accelerate's
+        # Each run as in a fresh process, but for the process group: the trainer ends with Accelerate's
         # end_training, which destroys it, and the runs that follow (and the checks' own collectives) need
         # it, so it is kept until the self-check ends; the rest of Accelerate's shared state (the DeepSpeed
         # config a run filled in for its batch, the accumulation state) is reset after each run.
         try:
             with _signal_handlers_kept(), mock.patch.object(PartialState, "destroy_process_group",
                                                                     lambda *_: None):
-                code = train.main(argv)
+                code = runpy.run_path(str(TRAINER))["main"](argv)
         finally:
             AcceleratorState._reset_state()
             GradientState._reset_state()
@@ -250,7 +252,7 @@ def preemption(ctx: Context) -> str:
 
 
 def export(ctx: Context) -> str:
-    size = config.crop_specs(ctx.cfg)[0].size
+    size = crop_specs(ctx.cfg)[0].size
     code = runpy.run_path(str(TOOLS / "export_timm.py"))["main"](
         [str(ctx.out / "run"), str(ctx.out / "export"), "--check-size", str(size)])
     if code != 0:
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the checks (default: selfcheck)")
     args = parser.parse_args(argv)
     try:
-        cfg = config.load(args.recipe, args.overrides)
+        cfg = load_config(args.recipe, args.overrides)
     except ConfigError as err:
         print(f"selfcheck: error: {err}", file=sys.stderr)
         return 2

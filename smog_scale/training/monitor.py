@@ -17,8 +17,8 @@ import torch
 
 from smog_scale import dist
 from smog_scale.data.shards import build_eval_loader
-from smog_scale.eval import evaluate
-from smog_scale.training.metrics import RunLog
+from smog_scale.eval.knn import knn_monitor
+from smog_scale.training.run_log import RunLog
 from smog_scale.training.step import TrainState
 
 
@@ -49,7 +49,7 @@ def knn(state: TrainState, log: RunLog, reading: Mapping[str, Any]) -> None:
     backbone = acc.unwrap_model(state.model).online.backbone
     result: dict[str, float] | None = None
     try:  # a failing rank's loaders end early and it joins the collectives with what it read
-        result = evaluate.knn_monitor(acc, backbone, *loaders)
+        result = knn_monitor(acc, backbone, *loaders)
         errors = [loader.error for loader in loaders if loader.error]
     except ValueError as err:  # raised alike on every rank (from gathered counts): no sample read at all
         errors = [loader.error for loader in loaders if loader.error] or [str(err)]

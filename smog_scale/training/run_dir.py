@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 
 from smog_scale import dist
-from smog_scale.config import preflight
-from smog_scale.config import schema as config
-from smog_scale.config.schema import Config, ConfigError, Derived
+from smog_scale.config.derived import derive
+from smog_scale.config.preflight import check_paths, resume_differences
+from smog_scale.config.recipe_file import ConfigError
+from smog_scale.config.schema import Config, Derived, dump, resolved
 from smog_scale.training import checkpoint
 
 LOCK_NAME = "job.lock"
@@ -227,6 +229,22 @@ def move_aside(output_dir: str | Path, step: int) -> str | None:
             f"{dest}: this run continues from step {step}; delete them when no longer needed")
 
 
+def check_resume(cfg: Config, derived: Derived, path: Path) -> str | None:
+    """Refuse to resume from checkpoint ``path`` with a recipe that differs from its own in a key that
+    must not change (``ConfigError`` listing them). Returns a note when the checkpoint has no recipe."""
+    source = checkpoint.recipe_file(path)
+    if not source.is_file():
+        return f"{path} holds no recipe ({source} missing): the resume's compatibility is not checked"
+    saved = yaml.safe_load(source.read_text()) or {}
+    differ = resume_differences(resolved(cfg, derived), saved)
+    if differ:
+        raise ConfigError(
+            f"run.resume: {path} was trained with another recipe ({source}); these keys differ: "
+            f"{'; '.join(differ)}. Resume with its values, or start a new run (another run.output_dir, or "
+            f"run.resume=never run.overwrite=true)")
+    return None
+
+
 @dataclass
 class Run:
     """What :func:`open_run` decided for this launch; ``close`` releases the run folder's lock."""
@@ -248,9 +266,9 @@ def _decide(cfg: Config, derived: Derived) -> tuple[Path | None, int, list[str |
     path, step, skipped = resume_point(cfg)
     notes: list[str | None] = [*skipped]
     if path is not None:
-        notes.append(preflight.check_resume(cfg, derived, path))
+        notes.append(check_resume(cfg, derived, path))
     notes.append(move_aside(cfg.run.output_dir, step))
-    config.dump(cfg, Path(cfg.run.output_dir) / checkpoint.RECIPE, derived)
+    dump(cfg, Path(cfg.run.output_dir) / checkpoint.RECIPE, derived)
     return path, step, notes
 
 
@@ -262,8 +280,8 @@ def open_run(cfg: Config, accelerator: Accelerator) -> Run:
     error, derived, resume, step, locked = None, None, None, -1, False
     notes: list[str | None] = []
     try:
-        derived = preflight.derive(cfg, accelerator.num_processes)
-        preflight.check_paths(cfg)
+        derived = derive(cfg, accelerator.num_processes)
+        check_paths(cfg)
         if lock is not None:
             notes.append(lock.acquire())
             locked = True

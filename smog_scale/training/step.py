@@ -25,8 +25,8 @@ from smog_scale.method import schedules
 from smog_scale.method.accumulation import StepAccumulator
 from smog_scale.method.feature_cache import FeatureCache
 from smog_scale.method.grouping import GroupBank
+from smog_scale.method.health import assignment_health
 from smog_scale.method.objectives import GroupingStep, objective_step
-from smog_scale.training.metrics import assignment_health
 from smog_scale.training.optim import set_learning_rate
 
 
