@@ -51,7 +51,7 @@ import numpy as np
 METHODS = {
     "sklearn": "scikit-learn k-means++",
     "faiss": "faiss random init, 20 it",
-    "smog_scale": "smog_scale.method.kmeans.fit",
+    "smog_scale": "smog_scale k-means",  # smog_scale.method.kmeans.fit
 }
 KINDS = ("uniform", "clustered", "dirichlet")
 # Environment variables that change these timings on a small shared machine (see the module docstring).

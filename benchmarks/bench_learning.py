@@ -5,8 +5,8 @@
 
 (recipe overrides first: ``--seeds`` and ``--methods`` take every word after them)
 
-Data: ``python -m smog_scale.data.synthetic.digits32`` (written under ``--data`` on first use): 32-px digits, 1,437 train
-and 360 held-out images of 10 classes on photo and texture patches. Every trained row goes through the
+Data: ``python -m smog_scale.data.synthetic.digits32`` (written under ``--data`` on first use): 32-px digits,
+1,437 train and 360 held-out images of 10 classes on photo and texture patches. Every trained row goes through the
 user's pipeline: ``smog_scale/train.py recipes/small_32px.yaml`` on one CPU process (``model.objective=byol``
 for the control; ``key=value`` overrides go to every trained row), whose kNN monitor logs the online backbone's
 weighted kNN top-1 (k = 20, T = 0.07, center crops of the held-out split; ``tools/knn_eval.py``'s protocol) every

@@ -1,5 +1,6 @@
-"""Values derived for a launch (per-device batch, schedule lengths, scaled learning rate, cache shares):
-computed from a frozen config and the world size, logged and saved, never written back into the config.
+"""Values derived for a launch: per-device batch, schedule lengths, scaled learning rate, cache shares.
+
+Computed from a frozen config and the world size, logged and saved, never written back into the config.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""Reading recipe files: YAML with the float forms people type, one-line syntax errors, ``base:`` recipes and
-``dotted.key=value`` overrides. ``smog_scale.config.schema`` turns what this reads into the validated schema."""
+"""Reading recipe files: the YAML, its ``base:`` recipe and the command line's dotted overrides.
+
+YAML with the float forms people type, one-line syntax errors, ``base:`` recipes and ``dotted.key=value``
+overrides. :mod:`smog_scale.config.validation` turns what this reads into the validated schema."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""BatchNorm statistics re-estimated on data: the baseline that separates what training learned from the
-statistics alone."""
+"""BatchNorm statistics re-estimated on data, the weights untouched.
+
+The baseline that separates what training learned from the statistics alone."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Group quality (the paper's Fig. 5, docs/method.md "Grouping health"): per-group class entropy of labelled
-samples assigned to a checkpoint's groups."""
+"""Group quality: the per-group class entropy of labelled samples assigned to a checkpoint's groups.
+
+The paper's Fig. 5 (docs/method.md "Grouping health")."""
 
 from __future__ import annotations
 

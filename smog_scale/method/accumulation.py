@@ -1,12 +1,11 @@
-"""What one optimizer step gathers over its micro-batches before it commits (docs/method.md, "Gradient
-accumulation").
+"""What one optimizer step gathers over its micro-batches before it commits.
 
-With A micro-batches per optimizer step, every micro-batch takes its labels and assignments from the same
-G, because nothing is committed before the step ends. The step then commits G once, from the per-group
-sums and counts of all its micro-batches over all ranks (the global batch) with the step's beta, and
-only then pushes the micro-batches' features into the cache. A skipped step (non-finite values, or an
-fp16 overflow that made the optimizer skip) commits and pushes nothing, and puts back the model's buffers
-(BatchNorm statistics) that its forwards moved.
+docs/method.md, "Gradient accumulation". With A micro-batches per optimizer step, every micro-batch takes
+its labels and assignments from the same G, because nothing is committed before the step ends. The step
+then commits G once, from the per-group sums and counts of all its micro-batches over all ranks (the
+global batch) with the step's beta, and only then pushes the micro-batches' features into the cache. A
+skipped step (non-finite values, or an fp16 overflow that made the optimizer skip) commits and pushes
+nothing, and puts back the model's buffers (BatchNorm statistics) that its forwards moved.
 """
 
 from __future__ import annotations

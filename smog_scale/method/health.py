@@ -1,5 +1,6 @@
-"""Health signals of the grouping (docs/method.md "Grouping health"): pure functions of group counts,
-cluster sizes and labels; ``label_churn`` is a collective."""
+"""Health signals of the grouping (docs/method.md "Grouping health").
+
+Pure functions of group counts, cluster sizes and labels; ``label_churn`` is a collective."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def assignment_health(counts: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def cluster_size_health(sizes: torch.Tensor) -> dict[str, torch.Tensor]:
-    """From a re-grouping's cluster sizes [K]: largest and smallest (0-dim) and the 0, 10, 50, 90 and 100%
-    quantiles [5], all on the sizes' device."""
+    """The spread of a re-grouping's cluster sizes [K].
+
+    Largest and smallest (0-dim) and the 0, 10, 50, 90 and 100% quantiles [5], all on the sizes' device."""
     sizes = sizes.float()
     levels = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], device=sizes.device)
     return {"largest": sizes.max(), "smallest": sizes.min(), "quantiles": torch.quantile(sizes, levels)}
@@ -52,8 +54,9 @@ def label_churn(old: torch.Tensor, new: torch.Tensor, num_groups: int) -> float:
 
 
 def group_entropy(groups: torch.Tensor, classes: torch.Tensor, num_groups: int, num_classes: int) -> torch.Tensor:
-    """Per-group class entropy of the paper's Fig. 5: for each group, sum_c -p_c log p_c over the class
-    ratios of its members. Returns [num_groups] (nats; 0 for empty groups)."""
+    """Per-group class entropy of the paper's Fig. 5, [num_groups] (nats; 0 for empty groups).
+
+    For each group, sum_c -p_c log p_c over the class ratios of its members."""
     joint = torch.zeros(num_groups, num_classes, dtype=torch.float64, device=groups.device)
     joint.index_put_((groups, classes), torch.ones_like(groups, dtype=torch.float64), accumulate=True)
     ratios = joint / joint.sum(dim=1, keepdim=True).clamp(min=1)

@@ -1,8 +1,8 @@
-"""The losses over (view, target) pairs, pure functions of tensors: SMoG's group contrast (docs/method.md
-step 4) and BYOL's normalized-prediction loss (the instance-level control, docs/method.md "The BYOL control").
+"""The losses over (view, target) pairs, pure functions of tensors: SMoG's group contrast and BYOL's.
 
-Both pair every view with the targets of the global views: a global view with every OTHER global view's
-target, a local view with every global view's target.
+SMoG's group contrast (docs/method.md step 4) and BYOL's normalized-prediction loss (the instance-level
+control, docs/method.md "The BYOL control"). Both pair every view with the targets of the global views: a
+global view with every OTHER global view's target, a local view with every global view's target.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""What one micro-batch computes from the networks' outputs, by the recipe's ``model.objective``: SMoG's
-grouping and group contrast loss (docs/method.md "One training step"), or BYOL's loss for the instance-level
-control (docs/method.md "The BYOL control"). Functions of tensors shared by the trainer, the tests and the
-benchmarks.
+"""What one micro-batch computes from the networks' outputs, by the recipe's ``model.objective``.
+
+SMoG's grouping and group contrast loss (docs/method.md "One training step"), or BYOL's loss for the
+instance-level control (docs/method.md "The BYOL control"). Functions of tensors shared by the trainer,
+the tests and the benchmarks.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""When the periodic events of docs/method.md "Periodic re-grouping" are due: pure functions of the recipe,
-the launch's derived values and ``global_step`` (the re-grouping itself is ``training.regrouping``)."""
+"""When re-groupings and momentum-encoder resets are due (docs/method.md "Periodic re-grouping").
+
+Pure functions of the recipe, the launch's derived values and ``global_step``; the re-grouping itself is
+:mod:`smog_scale.training.regrouping`."""
 
 from __future__ import annotations
 
@@ -16,16 +18,20 @@ def rows_needed(cfg: Config, derived: Derived) -> int:
 
 
 def first_regroup_step(cfg: Config, derived: Derived) -> int:
-    """The first optimizer step after which the caches hold :func:`rows_needed` rows: every committed step
-    pushes each global view of the global batch (skipped steps push nothing and do not count)."""
+    """The first optimizer step after which the caches hold :func:`rows_needed` rows.
+
+    Every committed step pushes each global view of the global batch (skipped steps push nothing and do not
+    count)."""
     specs = crop_specs(cfg)
     global_views = sum(spec.count for spec in specs if spec.size == specs[0].size)
     return math.ceil(rows_needed(cfg, derived) / (global_views * cfg.optim.global_batch_size))
 
 
 def regroup_due(cfg: Config, derived: Derived, step: int) -> bool:
-    """Whether a re-grouping follows optimizer step ``step``: as soon as the caches hold enough rows
-    (:func:`first_regroup_step`), and every ``regroup_every`` steps (0: never, nor early)."""
+    """Whether a re-grouping follows optimizer step ``step``.
+
+    As soon as the caches hold enough rows (:func:`first_regroup_step`), and every ``regroup_every`` steps
+    (0: never, nor early)."""
     every = cfg.grouping.regroup_every
     return every > 0 and (step % every == 0 or step == first_regroup_step(cfg, derived))
 
@@ -40,7 +46,9 @@ def schedule(cfg: Config, derived: Derived) -> str:
 
 
 def reset_due(grouping: GroupingConfig, step: int) -> bool:
-    """Whether the momentum encoder is reset after step ``step`` on its own period ``reset_every`` (the resets
-    that come with re-groupings, ``reset_every`` null, are :func:`regroup`'s)."""
+    """Whether the momentum encoder is reset after step ``step`` on its own period ``reset_every``.
+
+    The resets that come with re-groupings (``reset_every`` null) are
+    :func:`smog_scale.training.regrouping.regroup`'s."""
     every = grouping.reset_every
     return grouping.reset_momentum and every is not None and step % every == 0

@@ -50,8 +50,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 
 def build(cfg: Config, accelerator: Accelerator, derived: Derived | None = None) -> TrainState:
-    """Model, optimizer, groups and cache for this launch (``derived`` by default from :func:`derive`, which
-    checks the training shards), prepared by Accelerate."""
+    """Model, optimizer, groups and cache for this launch, prepared by Accelerate.
+
+    ``derived`` by default from :func:`derive`, which checks the training shards."""
     derived = derived or derive(cfg, accelerator.num_processes)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # else the config file's values win
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
@@ -95,8 +96,10 @@ def save(state: TrainState) -> Path:
 
 
 def train(state: TrainState, log: RunLog) -> int:
-    """Optimizer steps from ``state.global_step`` to the last step; 0 when done or stopped on request, 1 after
-    ``run.max_nonfinite_steps`` skipped steps in a row (a checkpoint is written either way)."""
+    """Optimizer steps from ``state.global_step`` to the last step; returns the exit code.
+
+    0 when done or stopped on request, 1 after ``run.max_nonfinite_steps`` skipped steps in a row (a
+    checkpoint is written either way)."""
     cfg, derived = state.cfg, state.derived
     last_step = min(cfg.run.max_steps or derived.total_steps, derived.total_steps)
     knn_every = cfg.monitor.knn_every_epochs * derived.steps_per_epoch
@@ -141,8 +144,9 @@ def train(state: TrainState, log: RunLog) -> int:
 
 
 def run_training(state: TrainState, run: Run) -> int:
-    """Resume if ``run`` decided so, then :func:`train` with SIGTERM/SIGUSR1 asking for a stop; returns its exit
-    code. An error propagates once the loader's workers are shut down."""
+    """Resume if ``run`` decided so, then :func:`train` with SIGTERM/SIGUSR1 asking for a stop.
+
+    Returns :func:`train`'s exit code. An error propagates once the loader's workers are shut down."""
     log = RunLog(state)
     for note in (*run.notes, schedule(state.cfg, state.derived)):
         log.message(note)

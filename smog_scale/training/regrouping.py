@@ -1,5 +1,7 @@
-"""Periodic re-grouping and momentum-encoder resets (docs/method.md "Periodic re-grouping"): the re-grouping
-itself (k-means over every rank's cache -> G) and the reset, when ``method.regroup_schedule`` says they are due.
+"""Periodic re-grouping and momentum-encoder resets (docs/method.md "Periodic re-grouping").
+
+The re-grouping itself (k-means over every rank's cache -> G) and the reset, when
+:mod:`smog_scale.method.regroup_schedule` says they are due.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ if TYPE_CHECKING:
 
 
 def after_step(state: TrainState, log: RunLog) -> None:
-    """The periodic events after committed step ``state.global_step``: re-grouping, then a reset on its own period
-    (none under the BYOL objective, which has no groups)."""
+    """The periodic events after committed step ``state.global_step``: re-grouping, then a reset.
+
+    The reset on its own period; none of them under the BYOL objective, which has no groups."""
     grouping, step = state.cfg.grouping, state.global_step
     if state.cfg.model.objective == "byol":
         return
@@ -33,8 +36,10 @@ def after_step(state: TrainState, log: RunLog) -> None:
 
 
 def regroup(state: TrainState, log: RunLog) -> None:
-    """k-means over all ranks' caches -> G, then (``grouping.reset_momentum`` without its own period) reset the
-    momentum encoder. Skipped, saying so, while the caches hold fewer rows than :func:`rows_needed`."""
+    """k-means over all ranks' caches -> G, then a reset of the momentum encoder.
+
+    The reset when ``grouping.reset_momentum`` has no period of its own. Skipped, saying so, while the caches
+    hold fewer rows than :func:`rows_needed`."""
     feats, _ = state.cache.contents()
     available = int(dist.all_reduce_sum(torch.tensor([feats.shape[0]], device=feats.device)).item())
     needed = rows_needed(state.cfg, state.derived)

@@ -1,11 +1,13 @@
-"""One SMoG step, shared by the trainer and the tests: grouping, loss and finiteness per micro-batch,
-then the optimizer step and the step's commit.
+"""One SMoG optimizer step: per micro-batch forwards, grouping, loss and backward; then the step's commit.
+
+Shared by the trainer and the tests: grouping, loss and finiteness per micro-batch, then the optimizer
+step and the step's commit.
 
 Data flow (docs/method.md "One training step"): labels from the momentum features with the OLD
 groups, assignment of the online global views with the OLD groups, synchronous update to G', group
 contrast loss against G'. Each micro-batch backpropagates; the last one of an optimizer step steps the
-optimizer and, unless the step was skipped, commits G and the cache pushes (``smog_scale.method.accumulation``)
-and the momentum EMA.
+optimizer and, unless the step was skipped, commits G and the cache pushes
+(``smog_scale.method.accumulation``) and the momentum EMA.
 """
 
 from __future__ import annotations
@@ -61,16 +63,19 @@ class TrainState:
 
 
 class StepEnd(NamedTuple):
-    """The end of an optimizer step: whether it committed (else it was skipped), and device tensors / floats
-    for logging (read only on log steps)."""
+    """The end of an optimizer step: whether it committed, and what to log.
+
+    ``committed`` false: the step was skipped. ``metrics``: device tensors / floats for logging (read only
+    on log steps)."""
 
     committed: bool
     metrics: dict[str, torch.Tensor | float]
 
 
 def train_step(state: TrainState, batch: dict) -> StepEnd | None:
-    """One micro-batch: forwards, grouping against the step's G, loss, backward; at the last micro-batch of
-    an optimizer step also :func:`finish_step`. Returns None before that.
+    """One micro-batch: forwards, grouping against the step's G, loss, backward; the last one also finishes.
+
+    At the last micro-batch of an optimizer step also :func:`finish_step`. Returns None before that.
 
     The one host sync per micro-batch is the all-reduce of (non-finite, stop requested, loader skips):
     every rank must agree on skipping a step. Once a micro-batch was non-finite the step is lost and the
@@ -103,18 +108,21 @@ def train_step(state: TrainState, batch: dict) -> StepEnd | None:
 
 
 def step_flags(ok: torch.Tensor, stop_signal: bool, skipped_samples: int) -> torch.Tensor:
-    """[3] floats summed over ranks, on ``ok``'s device: ranks whose micro-batch was not finite (``ok``:
-    0-dim bool), ranks asked to stop, samples the loaders skipped."""
+    """What every rank must agree on: [3] floats summed over ranks, on ``ok``'s device.
+
+    Ranks whose micro-batch was not finite (``ok``: 0-dim bool), ranks asked to stop, samples the loaders
+    skipped."""
     host = torch.tensor([float(stop_signal), float(skipped_samples)], device=ok.device)
     return dist.all_reduce_sum(torch.cat([(~ok).float().view(1), host]))
 
 
 def finish_step(state: TrainState, beta: float) -> StepEnd:
-    """The optimizer step (unless a micro-batch was non-finite), then either the commit — G from the
-    step's statistics, cache pushes, momentum EMA, ``global_step`` — or, when the step was skipped (non-finite,
-    or the fp16 loss scaler found an overflow), nothing but the skip counters: G, the cache, the model (its
-    BatchNorm statistics put back) and therefore every schedule stay as they were. The loader position
-    advances either way."""
+    """The optimizer step (unless a micro-batch was non-finite), then its commit, or nothing if it was skipped.
+
+    The commit: G from the step's statistics, cache pushes, momentum EMA, ``global_step``. When the step
+    was skipped (non-finite, or the fp16 loss scaler found an overflow), nothing but the skip counters: G,
+    the cache, the model (its BatchNorm statistics put back) and therefore every schedule stay as they
+    were. The loader position advances either way."""
     cfg, acc, optimizer, pending = state.cfg, state.accelerator, state.optimizer, state.accumulator
     if not pending.nonfinite:
         if cfg.optim.clip_grad_norm:
