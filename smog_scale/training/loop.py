@@ -74,6 +74,9 @@ def build(cfg: Config, accelerator: Accelerator, derived: Derived | None = None)
     bank = GroupBank(cfg.grouping.num_groups, mc.proj_dim).to(accelerator.device)
     dist.broadcast(bank.groups)
     cache = FeatureCache(derived.cache_size_per_device, mc.proj_dim).to(accelerator.device)
+    # Every rank built the same networks and G from run.seed. The draws from here on must differ between ranks
+    # (Swin's drop path, random_select's keys): each rank continues from run.seed + rank (rank 0: run.seed's own).
+    set_seed(cfg.run.seed, device_specific=True)
     return TrainState(cfg, derived, accelerator, model, optimizer, bank, cache)
 
 
