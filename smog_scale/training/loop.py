@@ -19,11 +19,10 @@ from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from smog_scale import dist
 from smog_scale.config.derived import derive
-from smog_scale.config.recipe_file import ConfigError
 from smog_scale.config.schema import Config, Derived, resolved
 from smog_scale.config.validation import crop_specs
 from smog_scale.data.shards import build_train_loader
@@ -31,7 +30,7 @@ from smog_scale.method.feature_cache import FeatureCache
 from smog_scale.method.grouping import GroupBank
 from smog_scale.method.regroup_schedule import schedule
 from smog_scale.models.smog import SMoGModel
-from smog_scale.training import checkpoint, monitor, regrouping
+from smog_scale.training import checkpoint, deepspeed_launch, monitor, regrouping
 from smog_scale.training.optim import build_optimizer
 from smog_scale.training.run_dir import Run
 from smog_scale.training.run_log import RunLog
@@ -43,9 +42,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     precision = {} if cfg.run.mixed_precision == "launcher" else {"mixed_precision": cfg.run.mixed_precision}
     accelerator = Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum_steps,
                               log_with=cfg.run.trackers or None, project_dir=cfg.run.output_dir, **precision)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.optim.name == "lars":
-        raise ConfigError("optim.name=lars cannot run under DeepSpeed ZeRO: its flattened partitions break "
-                          "LARS's per-parameter trust ratio; use DDP (no DeepSpeed) or optim.name=adamw")
+    deepspeed_launch.refuse_unsupported(accelerator, cfg)
     return accelerator
 
 
@@ -54,10 +51,7 @@ def build(cfg: Config, accelerator: Accelerator, derived: Derived | None = None)
 
     ``derived`` by default from :func:`derive`, which checks the training shards."""
     derived = derived or derive(cfg, accelerator.num_processes)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # else the config file's values win
-        accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=derived.batch_size_per_device,
-            gradient_accumulation_steps=cfg.optim.grad_accum_steps)
+    deepspeed_launch.write_recipe_values(accelerator, cfg, derived)  # else the config file's values win
     set_seed(cfg.run.seed)
     mc = cfg.model
     model: torch.nn.Module = SMoGModel(mc.backbone, mc.proj_hidden_dim, mc.proj_dim, mc.pred_hidden_dim,
