@@ -1,4 +1,5 @@
-"""What the trainer settles with DeepSpeed: the launches it refuses and the recipe values its config takes.
+"""What the trainer settles with DeepSpeed: the launches it refuses, the recipe values its config takes, and a
+skipped step's gradients dropped from its engine.
 
 DeepSpeed reads its own config file (``accelerate_configs/deepspeed_zero*.yaml``), but the recipe is the one
 source of what training computes: the values it fixes (per-device batch, accumulation, gradient clipping) are
@@ -7,6 +8,9 @@ written into DeepSpeed's config before ``accelerator.prepare`` builds the engine
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
@@ -49,3 +53,25 @@ def write_recipe_values(accelerator: Accelerator, cfg: Config, derived: Derived)
             gradient_accumulation_steps=cfg.optim.grad_accum_steps,
             gradient_clipping=cfg.optim.clip_grad_norm or 0.0)
 
+
+def drop_gradients(engine: torch.nn.Module) -> None:
+    """Forget the gradients a skipped step's micro-batches accumulated in a DeepSpeed ZeRO-1/2 engine.
+
+    Accelerate steps the engine only inside ``backward`` at the step's last micro-batch, and its optimizer
+    wrapper's ``zero_grad`` does nothing, so after a micro-batch that was not finite (the rest skip their
+    backward) the finite micro-batches' gradients would stay in ZeRO's buffers and join the next step. This
+    clears what ZeRO's own overflow path clears when it skips a step: the 16-bit gradients and their
+    accumulators, the accumulated and averaged partitions, the micro-step count."""
+    optimizer: Any = getattr(engine, "optimizer", None)
+    if optimizer is None:
+        return
+    optimizer.zero_grad(set_to_none=True)
+    release = getattr(optimizer, "_release_preflattened_grad_buffers", None)
+    if release is not None:  # before the partitions go: it reads them
+        release()
+    for name in ("averaged_gradients", "all_grad_tensors"):
+        buffers: dict[Any, Any] = getattr(optimizer, name, None) or {}
+        for key in buffers:
+            buffers[key] = None
+    if hasattr(optimizer, "micro_step_id"):
+        optimizer.micro_step_id = -1  # DeepSpeed's INITIAL_MICRO_STEP_ID: the next backward starts a step
