@@ -110,9 +110,9 @@ def test_bad_recipe_exits_2_naming_the_key(tmp_path, shards, override, message):
 @pytest.mark.slow
 def test_deepspeed_zero2_bf16_trains_resumes_exports_and_refuses_lars(tmp_path, shards):
     """One CPU process under DeepSpeed ZeRO-2 in bf16, as the shipped DeepSpeed configs run, with the kNN monitor
-    on. DeepSpeed casts the online networks to bf16; the momentum encoder and G stay float32, in the checkpoint
-    too. The recipe's clipping (none here) reaches DeepSpeed's config; LARS and ZeRO stage 3 are refused before
-    any work."""
+    on (several ranks: test_deepspeed_resume_on_another_world_size_is_refused). DeepSpeed casts the online
+    networks to bf16; the momentum encoder and G stay float32, in the checkpoint too. The recipe's clipping
+    (none here) reaches DeepSpeed's config; LARS and ZeRO stage 3 are refused before any work."""
     run = tmp_path / "run"
     for steps in (4, 6):
         done = launch_deepspeed(run, shards, "bf16", f"run.max_steps={steps}", *monitor_on(shards))
@@ -144,3 +144,29 @@ def test_deepspeed_zero2_bf16_trains_resumes_exports_and_refuses_lars(tmp_path, 
     assert refused.returncode != 0 and "smog_scale: error: DeepSpeed ZeRO stage 3 is not supported" in refused.stderr
     assert re.search(r"exitcode\s*: 2 ", refused.stderr) and not (tmp_path / "zero3" / "checkpoints").exists()
 
+
+@pytest.mark.slow
+def test_deepspeed_resume_on_another_world_size_is_refused(tmp_path, shards):
+    """DeepSpeed's ZeRO checkpoints are partitioned over the processes that wrote them and DeepSpeed's loader
+    cannot re-partition them: a resume on 2 -> 1 and 1 -> 2 processes exits 2 with one line saying what to do,
+    before any work. The runs that wrote them: 2 and 1 DeepSpeed ranks on the CPU with the kNN monitor on and
+    the recipe's gradient clipping in DeepSpeed's config."""
+    runs = {2: tmp_path / "two", 1: tmp_path / "one"}
+    for processes, run in runs.items():
+        done = launch_deepspeed(run, shards, "bf16", "run.max_steps=2", "optim.clip_grad_norm=1.5", *monitor_on(shards),
+                                processes=processes)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert [r["step"] for r in events(run, "knn")] == [2]
+        saved = torch.load(run / "checkpoints" / "step_00000002" / "pytorch_model" / "mp_rank_00_model_states.pt",
+                           weights_only=False)
+        assert saved["ds_config"]["gradient_clipping"] == 1.5 and saved["dp_world_size"] == processes
+    for saved, run in runs.items():
+        processes = 3 - saved
+        refused = launch_deepspeed(run, shards, "bf16", "run.max_steps=4", processes=processes)
+        assert refused.returncode != 0
+        errors = [line for line in refused.stderr.splitlines() if "smog_scale: error:" in line]
+        assert errors == [
+            f"smog_scale: error: run.resume: {run / 'checkpoints' / 'step_00000002'} holds DeepSpeed ZeRO state "
+            f"partitioned over {saved} processes and this launch has {processes}; DeepSpeed cannot re-partition it: "
+            f"resume with {saved} processes (optim.grad_accum_steps may change to fit the per-device batch)"], errors
+        assert "ZeRORuntimeException" not in refused.stderr and len(records(run)) == 2
