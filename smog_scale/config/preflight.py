@@ -46,7 +46,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "grouping.kmeans_mode": "gather and sharded cluster the same union of the caches",
     "optim.grad_accum_steps": "fits the per-device batch to a new world size; the global batch is kept",
     "monitor": "the kNN monitor only reads the model",
-    "derived.world_size": "elastic resume",
+    "derived.world_size": "elastic resume (not under DeepSpeed: run_dir.check_deepspeed_resume)",
     "derived.batch_size_per_device": "follows the world size and accumulation; the global batch is kept",
     "derived.cache_size_per_device": "follows the world size; the union grouping.cache_size is kept",
 }
