@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import faiss
 import timm
 import torch
 import torch.nn.functional as F
@@ -50,7 +49,7 @@ from smog_scale.data.converter.make_shards import ConvertOptions, convert
 from smog_scale.data.synthetic.demo import write_demo
 from smog_scale.launch import memory_estimate
 from smog_scale.launch.selfcheck_runner import Check, Failed, Skipped, run_checks, table
-from smog_scale.method import kmeans
+from smog_scale.method import centroid_search, kmeans
 
 STEPS = 4  # the first run; re-grouping every 2 steps, so k-means runs twice
 BATCH_PER_DEVICE = 8  # for every run but the full-batch one
@@ -172,9 +171,8 @@ def environment(ctx: Context) -> str:
     device = ctx.launch.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     deepspeed = ctx.launch.distributed_type == DistributedType.DEEPSPEED
-    faiss_kind = "GPU" if hasattr(faiss, "GpuIndexFlatIP") else "CPU only"
     return (f"torch {torch.__version__}, {ctx.world} process(es) on {name}, precision {ctx.precision}, "
-            f"DeepSpeed {'yes' if deepspeed else 'no'}, faiss {faiss.__version__} ({faiss_kind})")
+            f"DeepSpeed {'yes' if deepspeed else 'no'}, k-means search {centroid_search.describe()}")
 
 
 def demo_shards(ctx: Context) -> str:
@@ -279,14 +277,14 @@ def faiss_gpu(ctx: Context) -> str:
     device = ctx.launch.device
     if device.type != "cuda":
         raise Skipped("no CUDA device")
-    if not hasattr(faiss, "GpuIndexFlatIP"):
-        raise Skipped("faiss-cpu is installed; for the GPU index: pip uninstall faiss-cpu; pip install -e .[gpu]")
+    if centroid_search.backend() != "faiss-gpu":
+        raise Skipped(f"k-means search {centroid_search.describe()}; for faiss's GPU index: README, GPU install")
     generator = torch.Generator(device).manual_seed(ctx.launch.process_index)
     rows = torch.randn(4096, 128, device=device, generator=generator)
     result = kmeans.fit(F.normalize(rows, dim=1), 256, iters=5)
     if not torch.isfinite(result.centroids).all() or int(result.sizes.sum()) != 4096 * ctx.world:
         raise Failed(f"k-means on the GPU gave sizes summing to {int(result.sizes.sum())}")
-    return f"k-means, faiss GPU search: {ctx.world} x 4096 rows -> 256 centroids, {result.iterations} iterations"
+    return f"k-means, search faiss-gpu: {ctx.world} x 4096 rows -> 256 centroids, {result.iterations} iterations"
 
 
 def full_batch(ctx: Context) -> str:
