@@ -11,6 +11,7 @@ first re-grouping's log line print it.
 from __future__ import annotations
 
 import importlib
+from functools import cache
 from typing import Any, Literal
 
 import torch
@@ -18,6 +19,10 @@ import torch
 from smog_scale.method.grouping import nearest
 
 Backend = Literal["faiss-gpu", "torch"]
+# Temporary memory of this process's faiss GPU resources, outside torch's allocator. faiss's default is up to
+# 1.5 GiB per StandardGpuResources; a flat index tiles its N x K distances to fit what it is given, and 256 MiB
+# holds float32 distances of about 22,000 rows x 3,000 centroids. tools/memory.py counts it.
+FAISS_TEMP_MEMORY_BYTES = 256 * 2**20
 # The CPU index that finds each union row's nearest sample row: sample rows per inverted list, lists searched
 # per row, k-means iterations that place the lists.
 _ROWS_PER_LIST, _LISTS_PROBED, _LIST_ITERS = 128, 4, 10
@@ -50,6 +55,15 @@ def describe() -> str:
     return f"{backend()} (faiss {faiss.__version__}, {kind})"
 
 
+@cache
+def gpu_resources() -> Any:
+    """This process's one faiss ``StandardGpuResources`` (streams, cuBLAS handle, ``FAISS_TEMP_MEMORY_BYTES`` of
+    temporary memory), made at the first GPU search and kept: one per search would allocate them anew."""
+    resources = faiss.StandardGpuResources()
+    resources.setTempMemory(FAISS_TEMP_MEMORY_BYTES)
+    return resources
+
+
 class NearestCentroid:
     """Nearest centroid by inner product: a faiss flat index on the GPU with CUDA and faiss-gpu, else torch.
 
@@ -62,7 +76,7 @@ class NearestCentroid:
     def __init__(self, x: torch.Tensor) -> None:
         use_gpu = backend() == "faiss-gpu"
         self.device = x.device
-        self.gpu = faiss.StandardGpuResources() if use_gpu else None
+        self.gpu = gpu_resources() if use_gpu else None
         self.rows = x.to(torch.device("cuda", torch.cuda.current_device())) if use_gpu and not x.is_cuda else x
 
     def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

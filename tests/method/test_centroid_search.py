@@ -1,11 +1,15 @@
 """Tests for smog_scale.method.centroid_search: where k-means' nearest-centroid searches run, with and without
-faiss."""
+faiss, and the one faiss GPU resources object per process."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from smog_scale.method import centroid_search
 from smog_scale.method.centroid_search import NearestCentroid, nearest_sample_rows
@@ -35,3 +39,38 @@ def test_without_faiss_k_means_runs_on_torch_with_exact_seeding_weights(monkeypa
     result = fit(x, 10, iters=5)
     assert result.centroids.shape == (10, 16) and int(result.sizes.sum()) == 600
     assert centroid_search.backend() == "torch" and centroid_search.describe() == "torch (no faiss installed)"
+
+
+class _FakeGpuFaiss(SimpleNamespace):
+    """faiss-gpu's names that the search touches, recording the resources objects made."""
+
+    def __init__(self) -> None:
+        super().__init__(made=[], __version__="0.0")
+
+    def GpuIndexFlatIP(self, *_args: object) -> None:  # noqa: N802  (faiss's name)
+        raise AssertionError("not searched here")
+
+    def StandardGpuResources(self) -> SimpleNamespace:  # noqa: N802
+        resources = SimpleNamespace(temp_memory=None)
+        resources.setTempMemory = lambda size: setattr(resources, "temp_memory", size)
+        self.made.append(resources)
+        return resources
+
+
+def test_one_gpu_resources_object_per_process_with_its_temporary_memory_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every search of a process (two per re-grouping, one per Lloyd run) shares one StandardGpuResources,
+    whose temporary memory is set to what tools/memory.py counts instead of faiss's default (up to 1.5 GiB)."""
+    fake = _FakeGpuFaiss()
+    monkeypatch.setattr(centroid_search, "faiss", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    centroid_search.gpu_resources.cache_clear()
+    try:
+        assert centroid_search.backend() == "faiss-gpu" and centroid_search.describe().startswith("faiss-gpu")
+        with FakeTensorMode(shape_env=ShapeEnv()):
+            x = torch.zeros(64, 8, device="cuda")  # fake: shapes and devices only
+            searches = [NearestCentroid(x) for _ in range(3)]
+        assert len(fake.made) == 1 and all(s.gpu is fake.made[0] for s in searches)
+        assert fake.made[0].temp_memory == centroid_search.FAISS_TEMP_MEMORY_BYTES
+    finally:
+        centroid_search.gpu_resources.cache_clear()
