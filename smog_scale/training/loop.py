@@ -43,7 +43,22 @@ def make_accelerator(cfg: Config) -> Accelerator:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum_steps,
                               log_with=cfg.run.trackers or None, project_dir=cfg.run.output_dir, **precision)
     deepspeed_launch.refuse_unsupported(accelerator, cfg)
+    set_cuda_backends(cfg)
     return accelerator
+
+
+def set_cuda_backends(cfg: Config) -> None:
+    """The recipe's cuDNN autotuning and TF32 for float32 matmuls and convolutions (``run.cudnn_benchmark``,
+    ``run.tf32``); they change nothing off CUDA. Torch's legacy flags, which every supported torch reads."""
+    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.run.tf32
+
+
+def pins_memory(cfg: Config, device: torch.device) -> bool:
+    """Whether the training loader pins its batches: ``data.pin_memory`` on a CUDA device (nothing to pin for
+    elsewhere)."""
+    return cfg.data.pin_memory and device.type == "cuda"
 
 
 def build(cfg: Config, accelerator: Accelerator, derived: Derived | None = None) -> TrainState:
@@ -108,7 +123,7 @@ def train(state: TrainState, log: RunLog) -> int:
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=epoch, rank=dist.rank(),
             world_size=dist.world_size(), num_samples=derived.num_samples,
             shuffle_buffer=cfg.data.shuffle_buffer, start_batch=done * cfg.optim.grad_accum_steps,
-            **reading_settings(cfg))
+            pin_memory=pins_memory(cfg, state.accelerator.device), **reading_settings(cfg))
         remaining = (derived.steps_per_epoch - done) * cfg.optim.grad_accum_steps
         waited = time.perf_counter()
         for batch in itertools.islice(loader, remaining):

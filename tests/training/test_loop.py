@@ -1,5 +1,5 @@
-"""Building a launch's state (``loop.build``): every rank starts from the same networks and G, and then draws its
-own random numbers."""
+"""The trainer's loop module: building a launch's state (every rank starts from the same networks and G, then draws
+its own random numbers), the CUDA backend flags and the training loader's settings the recipe sets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import run_on_ranks, tiny_state
+from smog_scale.config.validation import load_config
+from smog_scale.training import loop
+from tests.helpers import ROOT, run_on_ranks, tiny_state
 
 
 def _built(run: Path, shards: Path) -> dict[str, torch.Tensor]:
@@ -37,3 +39,40 @@ def test_ranks_build_the_same_networks_then_draw_their_own_numbers(tmp_path, sha
             assert torch.equal(ranks[0][key], ranks[1][key]) and torch.equal(ranks[0][key], single[key]), key
     assert not torch.equal(ranks[0]["draw"], ranks[1]["draw"])
     assert torch.equal(ranks[0]["draw"], single["draw"])
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_recipe_sets_cudnn_autotuning_and_tf32(on):
+    cfg = load_config(ROOT / "recipes" / "demo_cpu.yaml", [f"run.cudnn_benchmark={str(on).lower()}",
+                                                           f"run.tf32={str(on).lower()}"])
+    flags = [(torch.backends.cudnn, "benchmark"), (torch.backends.cuda.matmul, "allow_tf32"),
+             (torch.backends.cudnn, "allow_tf32")]
+    before = [getattr(owner, name) for owner, name in flags]
+    try:
+        loop.set_cuda_backends(cfg)
+        assert [getattr(owner, name) for owner, name in flags] == [on, on, on]
+    finally:
+        for (owner, name), value in zip(flags, before):
+            setattr(owner, name, value)
+
+
+class _Built(Exception):
+    """Raised by a stand-in for the loader factory once it has seen its arguments."""
+
+
+def test_training_loader_pins_memory_on_cuda_unless_the_recipe_says_not(tmp_path, shards, monkeypatch):
+    state = tiny_state(tmp_path / "run", shards)
+    seen: dict = {}
+
+    def build_train_loader(*_args, **kwargs):
+        seen.update(kwargs)
+        raise _Built
+
+    monkeypatch.setattr(loop, "build_train_loader", build_train_loader)
+    with pytest.raises(_Built):
+        loop.train(state, log=None)  # type: ignore[arg-type]  (not reached)
+    assert seen["pin_memory"] is False  # a CPU launch: nothing to pin for
+    cuda = torch.device("cuda", 0)
+    assert loop.pins_memory(state.cfg, cuda)
+    off = load_config(ROOT / "recipes" / "demo_cpu.yaml", ["data.pin_memory=false"])
+    assert not loop.pins_memory(off, cuda)
