@@ -305,9 +305,16 @@ def full_batch(ctx: Context) -> str:
     peak = max(r["peak_memory_gb"] for r in steps)
     if device.type != "cuda":
         return f"{batch} images per device x {ctx.world}: peak host memory (RSS) {peak:.2f} GiB"
-    estimate = memory_estimate.estimate(ctx.cfg, ctx.world, ctx.precision).total / memory_estimate.GIB
-    return (f"{batch} images per device x {ctx.world}: peak {peak:.2f} GiB allocated on {device} "
-            f"(tools/memory.py estimates at most {estimate:.1f} GiB)")
+    estimate = memory_estimate.estimate(ctx.cfg, ctx.world, ctx.precision)
+    allocated, total = (size / memory_estimate.GIB for size in (estimate.allocated, estimate.total))
+    free, capacity = torch.cuda.mem_get_info(device)
+    in_use = (capacity - free) / memory_estimate.GIB  # the context, NCCL, faiss and the allocator's cache too
+    if peak > allocated:
+        raise Failed(f"peak {peak:.2f} GiB allocated on {device} exceeds tools/memory.py's estimate of "
+                     f"{allocated:.1f} GiB: the estimate misses a part (docs: README, Memory per device)")
+    return (f"{batch} images per device x {ctx.world}: peak {peak:.2f} GiB allocated on {device} (estimated at "
+            f"most {allocated:.1f} GiB); {in_use:.1f} GiB of the device's {capacity / memory_estimate.GIB:.0f} GiB "
+            f"in use (estimated {total:.1f} GiB with the CUDA context, NCCL and faiss)")
 
 
 def throughput(ctx: Context) -> str:
