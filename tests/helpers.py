@@ -63,13 +63,14 @@ def demo_shards(root: Path) -> Path:
     return root / "shards"
 
 
-def launch(run: Path, shards: Path, *overrides: str, processes: int = 1, wait: bool = True):
-    """``accelerate launch`` the trainer on CPU; returns the CompletedProcess (or the Popen)."""
+def launch(run: Path, shards: Path, *overrides: str, processes: int = 1, wait: bool = True, script: Path = TRAIN):
+    """``accelerate launch`` the trainer (or ``script``, a wrapper running it) on CPU; returns the CompletedProcess
+    (or the Popen)."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONUNBUFFERED="1")
     multi = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"] if processes > 1 \
         else ["--num_processes", "1"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_cpu_threads_per_process", "1",
-           str(TRAIN), str(ROOT / "recipes" / "demo_cpu.yaml"), f"run.output_dir={run}",
+           str(script), str(ROOT / "recipes" / "demo_cpu.yaml"), f"run.output_dir={run}",
            f"data.train_shards={shards}", *TINY, *overrides]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

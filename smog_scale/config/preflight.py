@@ -35,6 +35,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "run.max_nonfinite_steps": "a guard rail, not the training",
     "run.mixed_precision": "the launcher's precision may change too",
     "run.cudnn_benchmark": "how cuDNN picks its algorithms, not what they compute",
+    "run.collective_timeout_s": "a guard rail, not the training",
     "run.tf32": "float32 rounding, as the launcher's precision may change too",
     "data.pin_memory": "loading only",
     "data.train_shards": "the shards may move (e.g. to node-local disk); their size is checked: derived.num_samples",

@@ -31,6 +31,10 @@ class RunConfig:
     # CUDA only. cuDNN times its convolution algorithms for each new input shape and keeps the fastest (the shapes
     # here are fixed); off: its heuristic choice, and the same algorithm run to run (bit-exact reruns need more).
     cudnn_benchmark: bool = True
+    # Seconds a collective may wait for the other ranks before the process group ends the job (NCCL's default
+    # 600, gloo's 1800). A rank whose loader fails stops the others at once (training/loop.py, agreed); this bounds
+    # any other error on one rank. It must exceed the longest wait between ranks: a checkpoint save, a re-grouping.
+    collective_timeout_s: float = 1800.0
     # CUDA only. TensorFloat-32 for float32 matmuls and convolutions (10-bit mantissa, as bf16 autocast's 7 is
     # coarser still): several times faster on A100/H100 without mixed precision; off: full float32.
     tf32: bool = True

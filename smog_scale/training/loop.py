@@ -14,12 +14,14 @@ import itertools
 import signal
 import time
 import traceback
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from smog_scale import dist
 from smog_scale.config.derived import derive
@@ -40,7 +42,8 @@ from smog_scale.training.step import TrainState, train_step
 def make_accelerator(cfg: Config) -> Accelerator:
     """Accelerator for this launch; precision from the launcher unless the recipe sets it."""
     precision = {} if cfg.run.mixed_precision == "launcher" else {"mixed_precision": cfg.run.mixed_precision}
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.collective_timeout_s))
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum_steps, kwargs_handlers=[timeout],
                               log_with=cfg.run.trackers or None, project_dir=cfg.run.output_dir, **precision)
     deepspeed_launch.refuse_unsupported(accelerator, cfg)
     set_cuda_backends(cfg)
@@ -100,6 +103,24 @@ def knn_monitor(state: TrainState, log: RunLog) -> None:
     monitor.knn(state, log, reading_settings(state.cfg))
 
 
+def agreed(batches: Iterable[dict]) -> Iterator[dict]:
+    """``batches``, each one's arrival agreed by every rank first (:func:`dist.agree_on_failure`): a rank whose
+    loader raises (an unreadable shard, a dead worker) stops every rank at the same batch, the others with
+    ``dist.PeerFailed`` naming its error, instead of leaving them in the step's collectives until the
+    process group's timeout (``run.collective_timeout_s``) ends them."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as err:
+            dist.agree_on_failure(err)
+            raise
+        dist.agree_on_failure(None)
+        yield batch
+
+
 def save(state: TrainState) -> Path:
     """A checkpoint of ``state`` at its ``global_step`` (a collective); returns its folder."""
     return checkpoint.save(state.accelerator, state.cfg.run.output_dir, state.global_step, state.bank,
@@ -126,7 +147,7 @@ def train(state: TrainState, log: RunLog) -> int:
             pin_memory=pins_memory(cfg, state.accelerator.device), **reading_settings(cfg))
         remaining = (derived.steps_per_epoch - done) * cfg.optim.grad_accum_steps
         waited = time.perf_counter()
-        for batch in itertools.islice(loader, remaining):
+        for batch in agreed(itertools.islice(loader, remaining)):
             log.data_wait(time.perf_counter() - waited)
             end = train_step(state, batch)  # None before the last micro-batch of an optimizer step
             if end is not None:

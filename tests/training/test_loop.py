@@ -4,10 +4,12 @@ its own random numbers), the CUDA backend flags and the training loader's settin
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from smog_scale.config.validation import load_config
 from smog_scale.training import loop
@@ -76,3 +78,15 @@ def test_training_loader_pins_memory_on_cuda_unless_the_recipe_says_not(tmp_path
     assert loop.pins_memory(state.cfg, cuda)
     off = load_config(ROOT / "recipes" / "demo_cpu.yaml", ["data.pin_memory=false"])
     assert not loop.pins_memory(off, cuda)
+
+
+def test_recipe_sets_the_process_groups_timeout(tmp_path):
+    """``run.collective_timeout_s`` bounds how long a rank waits in a collective for one that failed outside the
+    loader (which ``loop.agreed`` stops at once: tests/training/test_faults.py)."""
+    cfg = load_config(ROOT / "recipes" / "demo_cpu.yaml", [f"run.output_dir={tmp_path}", "run.trackers=[]",
+                                                           "run.collective_timeout_s=42"])
+    try:
+        accelerator = loop.make_accelerator(cfg)
+        assert accelerator.init_handler.timeout == timedelta(seconds=42)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
