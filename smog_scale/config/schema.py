@@ -79,7 +79,9 @@ class ModelConfig:
     pred_hidden_dim: int = 2048
     sync_bn: bool = True  # SyncBatchNorm in backbone and heads with several CUDA ranks (CPU ranks: per-rank BN)
     channels_last: bool = True  # faster convolutions on GPU; ignored for transformers
-    compile: bool = False  # torch.compile the model
+    # torch.compile the networks (inductor; in place, before DDP / DeepSpeed wrap them). The first step compiles
+    # (minutes on a CPU, and again for each new crop resolution); later steps run the compiled graphs.
+    compile: bool = False
     # "smog": group contrast (docs/method.md); "byol": the instance-level control, the same networks with
     # BYOL's loss and no grouping (every grouping.* key is then unused: no k-means, cache or G updates)
     objective: Literal["smog", "byol"] = "smog"

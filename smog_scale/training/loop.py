@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -78,11 +78,11 @@ def build(cfg: Config, accelerator: Accelerator, derived: Derived | None = None)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # torch's SyncBN is CUDA-only
     if mc.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if mc.compile:  # in place and before prepare: DDP or DeepSpeed wraps it; its keys and methods stay the model's
+        model.compile()
     optimizer = build_optimizer(model, cfg.optim, derived.scaled_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.unwrap_model(model).settle_dtypes()  # DeepSpeed cast all parameters to bf16/fp16
-    if mc.compile:
-        model = cast(torch.nn.Module, torch.compile(model))  # an OptimizedModule wrapping the model
     bank = GroupBank(cfg.grouping.num_groups, mc.proj_dim).to(accelerator.device)
     dist.broadcast(bank.groups)
     cache = FeatureCache(derived.cache_size_per_device, mc.proj_dim).to(accelerator.device)

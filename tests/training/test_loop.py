@@ -1,5 +1,6 @@
 """The trainer's loop module: building a launch's state (every rank starts from the same networks and G, then draws
-its own random numbers), the CUDA backend flags and the training loader's settings the recipe sets."""
+its own random numbers), a compiled model, the CUDA backend flags, the training loader's settings and the process
+group's timeout the recipe sets."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 from accelerate.state import AcceleratorState
 
 from smog_scale.config.validation import load_config
+from smog_scale.launch.skip_probe import synthetic_batch
 from smog_scale.training import loop
+from smog_scale.training.step import train_step
 from tests.helpers import ROOT, run_on_ranks, tiny_state
 
 
@@ -90,3 +93,25 @@ def test_recipe_sets_the_process_groups_timeout(tmp_path):
         assert accelerator.init_handler.timeout == timedelta(seconds=42)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _losses(run: Path, shards: Path, *overrides: str) -> list[float]:
+    """Three steps of the tiny recipe from run.seed on fixed synthetic batches: their losses."""
+    state = tiny_state(run, shards, *overrides)
+    batches = [synthetic_batch(state.cfg, state.derived.batch_size_per_device, seed) for seed in range(3)]
+    return [float(train_step(state, batch).metrics["loss"]) for batch in batches]
+
+
+def test_compiled_model_trains_as_the_uncompiled_one(tmp_path, shards, monkeypatch):
+    """``model.compile: true`` compiles the model in place before ``prepare``: its keys stay the model's, and three
+    steps give the uncompiled losses. Dynamo and AOT autograd trace it here; the backend is aot_eager instead
+    of inductor, whose code generation (minutes on this CPU) is the GPU's concern."""
+    eager = _losses(tmp_path / "eager", shards)
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_module(self, backend="aot_eager"))
+    state = tiny_state(tmp_path / "keys", shards, "model.compile=true")
+    assert all(not key.startswith("_orig_mod") for key in state.accelerator.unwrap_model(state.model).state_dict())
+    torch._dynamo.utils.counters.clear()
+    compiled = _losses(tmp_path / "compiled", shards, "model.compile=true")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the steps ran compiled graphs
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
