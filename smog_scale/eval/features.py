@@ -33,12 +33,12 @@ def extract_features(model: nn.Module, batches: Iterable[Sequence[Any]], acceler
     """
     was_training = model.training
     model.eval()
-    dtype = next(model.parameters()).dtype
+    dtype = next((p.dtype for p in model.parameters()), None)  # None: a model without weights takes them as given
     feats, labels = [], []
     for images, cls, *_ in tqdm(batches, desc=desc, unit="batch", disable=not accelerator.is_main_process,
                                 dynamic_ncols=True):
         with accelerator.autocast():
-            out = model(images.to(accelerator.device, dtype, non_blocking=True)).float()
+            out = model(images.to(accelerator.device, dtype=dtype, non_blocking=True)).float()
         feats.append(F.normalize(out, dim=1) if normalized else out)
         labels.append(cls.to(accelerator.device))
     model.train(was_training)
