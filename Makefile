@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch torchvision
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,deepspeed]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,deepspeed,cpu]'
 	touch $@
 
 install: $(VENV)/.installed

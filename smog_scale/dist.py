@@ -8,6 +8,8 @@ reads it.
 from __future__ import annotations
 
 import warnings
+from functools import cache
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -102,3 +104,35 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         torch_dist.barrier()
+
+
+class PeerFailed(RuntimeError):
+    """Another rank stopped on an error at a point every rank agrees on; the message names it and its error."""
+
+
+@cache
+def _host_group() -> Any:
+    """A gloo group for agreements on the host (no CUDA stream to wait for); None: the default group is gloo.
+    Made at the first agreement, which every rank reaches at the same point."""
+    return None if torch_dist.get_backend() == "gloo" else torch_dist.new_group(backend="gloo")
+
+
+def agree_on_failure(error: BaseException | None) -> None:
+    """Every rank's outcome at the same point of its loop (``error``: this rank's, or None), agreed on the host.
+
+    Raises PeerFailed on the ranks that were fine when another was not, naming the failed ranks and their
+    errors' last lines; returns on the failed ranks (their caller raises their own error) and when all were
+    fine. One all-reduce of one number; the messages are gathered only after a failure."""
+    if not is_distributed():
+        return
+    group = _host_group()
+    failed = torch.tensor([0 if error is None else 1])
+    torch_dist.all_reduce(failed, op=torch_dist.ReduceOp.MAX, group=group)
+    if not failed.item():
+        return
+    lines: list[str | None] = [None] * world_size()
+    own = None if error is None else f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1]}"
+    torch_dist.all_gather_object(lines, own, group=group)
+    if error is None:
+        named = "; ".join(f"rank {r}: {line}" for r, line in enumerate(lines) if line is not None)
+        raise PeerFailed(f"stopped because another rank failed ({named})")

@@ -2,8 +2,9 @@
 
 The same command runs on a laptop CPU, one GPU, 8 GPUs or several nodes; the launcher decides.
 Exit codes: 0 done or pre-empted (checkpoint written), 1 stopped on non-finite steps or an error
-(an unreadable shard, a failed save, CUDA out of memory: one line naming it), 2 bad recipe or launch
-(before any work). This module is the command line only; the loop is :mod:`smog_scale.training.loop`.
+(an unreadable shard, a failed save, CUDA out of memory, another rank's loader error: one line naming it),
+2 bad recipe or launch (before any work). This module is the command line only; the loop is
+:mod:`smog_scale.training.loop`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from smog_scale.config.recipe_file import ConfigError, shipped_recipes
 from smog_scale.config.schema import Config, Derived
 from smog_scale.config.validation import load_config
 from smog_scale.data.shard_list import ShardError
+from smog_scale.dist import PeerFailed
 from smog_scale.training.checkpoint import CheckpointSaveError
 from smog_scale.training.loop import build, make_accelerator, run_training
 from smog_scale.training.run_dir import RefusedElsewhere, open_run
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         state = build(cfg, accelerator, run.derived)
         try:
             return run_training(state, run)
-        except (ShardError, CheckpointSaveError, torch.cuda.OutOfMemoryError) as err:
+        except (ShardError, CheckpointSaveError, torch.cuda.OutOfMemoryError, PeerFailed) as err:
             print(f"smog_scale: error: {failure_line(err, state)}", file=sys.stderr)
             return 1
     finally:

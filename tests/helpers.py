@@ -63,13 +63,14 @@ def demo_shards(root: Path) -> Path:
     return root / "shards"
 
 
-def launch(run: Path, shards: Path, *overrides: str, processes: int = 1, wait: bool = True):
-    """``accelerate launch`` the trainer on CPU; returns the CompletedProcess (or the Popen)."""
+def launch(run: Path, shards: Path, *overrides: str, processes: int = 1, wait: bool = True, script: Path = TRAIN):
+    """``accelerate launch`` the trainer (or ``script``, a wrapper running it) on CPU; returns the CompletedProcess
+    (or the Popen)."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONUNBUFFERED="1")
     multi = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"] if processes > 1 \
         else ["--num_processes", "1"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_cpu_threads_per_process", "1",
-           str(TRAIN), str(ROOT / "recipes" / "demo_cpu.yaml"), f"run.output_dir={run}",
+           str(script), str(ROOT / "recipes" / "demo_cpu.yaml"), f"run.output_dir={run}",
            f"data.train_shards={shards}", *TINY, *overrides]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -79,19 +80,49 @@ def launch(run: Path, shards: Path, *overrides: str, processes: int = 1, wait: b
     return done
 
 
-def launch_deepspeed(run: Path, shards: Path, precision: str, *overrides: str, script: Path = TRAIN):
+# Accelerate gives a DeepSpeed launch on a machine without an accelerator no backend, so it counts one process
+# whatever torch's world size is. This wrapper lets it take gloo, as ``ACCELERATE_USE_CPU`` runs do, so that
+# several DeepSpeed ranks run on the CPU (DeepSpeed's CPU accelerator); it then runs the script it wraps.
+GLOO_DEEPSPEED = '''
+import runpy
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+PartialState._prepare_backend = lambda self, *args, **kwargs: ("gloo", DistributedType.MULTI_CPU)
+runpy.run_path({script!r}, run_name="__main__")
+'''
+
+
+def launch_deepspeed(run: Path, shards: Path, precision: str, *overrides: str, script: Path = TRAIN,
+                     processes: int = 1, stage: int = 2):
     """``accelerate launch`` of ``script`` (the trainer, or a wrapper calling ``train.main``) under DeepSpeed
-    ZeRO-2 on DeepSpeed's CPU accelerator, one process, AdamW; returns the CompletedProcess. Like the shipped
-    DeepSpeed configs, the launch says gradient_accumulation_steps 1 (the recipe's value must win)."""
+    ZeRO ``stage`` on DeepSpeed's CPU accelerator, AdamW; returns the CompletedProcess. Like the shipped
+    DeepSpeed configs, the launch says gradient_accumulation_steps 1 (the recipe's value must win). Several
+    ``processes`` run ``script`` through ``GLOO_DEEPSPEED`` (written beside ``run``)."""
     pytest.importorskip("deepspeed")
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
-           "--gradient_accumulation_steps", "1", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", precision, "--dynamo_backend", "no",
+    if processes > 1:
+        wrapper = run.parent / f"{run.name}_gloo_deepspeed.py"
+        wrapper.write_text(GLOO_DEEPSPEED.format(script=str(script)))
+        script = wrapper
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", str(stage),
+           "--gradient_accumulation_steps", "1", "--num_processes", str(processes), "--num_machines", "1",
+           "--main_process_port", "0", "--mixed_precision", precision, "--dynamo_backend", "no",
            str(script), str(ROOT / "recipes" / "demo_cpu.yaml"), f"data.train_shards={shards}", *TINY,
            "optim.base_lr=0.001", "optim.weight_decay=0.05", f"run.output_dir={run}", "optim.name=adamw", *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def monitor_on(shards: Path, every_epochs: int = 1) -> list[str]:
+    """Overrides that run the kNN monitor every ``every_epochs`` epochs on ``shards`` (TINY turns it off)."""
+    return [f"monitor.knn_train_shards={shards}", f"monitor.knn_val_shards={shards}", "monitor.image_size=32",
+            f"monitor.knn_every_epochs={every_epochs}", "monitor.batch_size=16"]
+
+
+def events(run: Path, name: str) -> list[dict]:
+    """The ``metrics.jsonl`` records of event ``name`` (``knn``, ``regroup``...)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == name]
 
 
 def records(run: Path) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -18,10 +19,12 @@ from tests.helpers import (
     ROOT,
     TINY,
     TRAIN,
+    events,
     final_state,
     float_dtypes,
     launch,
     launch_deepspeed,
+    monitor_on,
     records,
 )
 
@@ -30,11 +33,10 @@ from tests.helpers import (
 @pytest.mark.parametrize("processes", [1, 2])
 def test_training_runs_and_checkpoints(tmp_path, shards, processes):
     run = tmp_path / "run"
-    monitor = [f"monitor.knn_train_shards={shards}", f"monitor.knn_val_shards={shards}", "monitor.image_size=32",
-               "monitor.knn_every_epochs=2", "monitor.batch_size=16"] if processes == 1 else []
+    monitor = monitor_on(shards, every_epochs=2) if processes == 1 else []
     launch(run, shards, "run.max_steps=12", *monitor, processes=processes)
     if monitor:  # 5 steps per epoch: kNN after step 10 and at the last step
-        knn = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "knn"]
+        knn = events(run, "knn")
         assert [r["step"] for r in knn] == [10, 12] and all(0 <= r["knn_top1"] <= 100 for r in knn)
     losses = [r["loss"] for r in records(run)]
     assert len(losses) == 12 and all(map(lambda x: x == x and abs(x) < 1e3, losses))
@@ -107,21 +109,25 @@ def test_bad_recipe_exits_2_naming_the_key(tmp_path, shards, override, message):
 
 @pytest.mark.slow
 def test_deepspeed_zero2_bf16_trains_resumes_exports_and_refuses_lars(tmp_path, shards):
-    """One CPU process under DeepSpeed ZeRO-2 in bf16, as the shipped DeepSpeed configs run (accelerate's
-    DeepSpeed path on CPU reports a single process even when torch has two ranks, so several ranks are
-    checked on GPUs only). DeepSpeed casts the online networks to bf16; the momentum encoder and G stay
-    float32, in the checkpoint too."""
+    """One CPU process under DeepSpeed ZeRO-2 in bf16, as the shipped DeepSpeed configs run, with the kNN monitor
+    on (several ranks: test_deepspeed_resume_on_another_world_size_is_refused). DeepSpeed casts the online
+    networks to bf16; the momentum encoder and G stay float32, in the checkpoint too. The recipe's clipping
+    (none here) reaches DeepSpeed's config; LARS and ZeRO stage 3 are refused before any work."""
     run = tmp_path / "run"
     for steps in (4, 6):
-        done = launch_deepspeed(run, shards, "bf16", f"run.max_steps={steps}")
+        done = launch_deepspeed(run, shards, "bf16", f"run.max_steps={steps}", *monitor_on(shards))
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "resumed from" in done.stdout
+    knn = events(run, "knn")  # every epoch (5 steps) and at each launch's last step, on the bf16 backbone
+    assert [r["step"] for r in knn] == [4, 5, 6] and all(0 <= r["knn_top1"] <= 100 for r in knn), knn
     ckpt = run / "checkpoints" / "step_00000006"
     assert (ckpt / "pytorch_model").is_dir(), sorted(p.name for p in ckpt.iterdir())  # DeepSpeed's format
     losses = [r["loss"] for r in records(run)]
     assert len(losses) == 6 and all(abs(x) < 1e3 for x in losses), losses  # finite: NaN fails the comparison
-    trained = torch.load(ckpt / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    saved = torch.load(ckpt / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=False)
+    trained = saved["module"]
     assert float_dtypes(trained, "online.") == {torch.bfloat16} and float_dtypes(trained, "momentum.") == {torch.float32}
+    assert saved["ds_config"]["gradient_clipping"] == 0.0  # optim.clip_grad_norm: null (accelerate's default: 1.0)
     assert load_file(str(ckpt / "smog.safetensors"))["groups"].dtype == torch.float32
     # The backbone exports from DeepSpeed's checkpoint (float32 master weights, merged by zero_to_fp32)
     # as from model.safetensors, self-checked through timm; in bf16 it is what the engine trained with.
@@ -134,3 +140,33 @@ def test_deepspeed_zero2_bf16_trains_resumes_exports_and_refuses_lars(tmp_path, 
     assert exported and all(torch.equal(v, trained[f"momentum.backbone.{k}"]) for k, v in exported.items())
     refused = launch_deepspeed(tmp_path / "lars", shards, "bf16", "optim.name=lars")
     assert refused.returncode != 0 and "optim.name=lars cannot run under DeepSpeed ZeRO" in refused.stderr
+    refused = launch_deepspeed(tmp_path / "zero3", shards, "bf16", stage=3)
+    assert refused.returncode != 0 and "smog_scale: error: DeepSpeed ZeRO stage 3 is not supported" in refused.stderr
+    assert re.search(r"exitcode\s*: 2 ", refused.stderr) and not (tmp_path / "zero3" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_on_another_world_size_is_refused(tmp_path, shards):
+    """DeepSpeed's ZeRO checkpoints are partitioned over the processes that wrote them and DeepSpeed's loader
+    cannot re-partition them: a resume on 2 -> 1 and 1 -> 2 processes exits 2 with one line saying what to do,
+    before any work. The runs that wrote them: 2 and 1 DeepSpeed ranks on the CPU with the kNN monitor on and
+    the recipe's gradient clipping in DeepSpeed's config."""
+    runs = {2: tmp_path / "two", 1: tmp_path / "one"}
+    for processes, run in runs.items():
+        done = launch_deepspeed(run, shards, "bf16", "run.max_steps=2", "optim.clip_grad_norm=1.5", *monitor_on(shards),
+                                processes=processes)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert [r["step"] for r in events(run, "knn")] == [2]
+        saved = torch.load(run / "checkpoints" / "step_00000002" / "pytorch_model" / "mp_rank_00_model_states.pt",
+                           weights_only=False)
+        assert saved["ds_config"]["gradient_clipping"] == 1.5 and saved["dp_world_size"] == processes
+    for saved, run in runs.items():
+        processes = 3 - saved
+        refused = launch_deepspeed(run, shards, "bf16", "run.max_steps=4", processes=processes)
+        assert refused.returncode != 0
+        errors = [line for line in refused.stderr.splitlines() if "smog_scale: error:" in line]
+        assert errors == [
+            f"smog_scale: error: run.resume: {run / 'checkpoints' / 'step_00000002'} holds DeepSpeed ZeRO state "
+            f"partitioned over {saved} processes and this launch has {processes}; DeepSpeed cannot re-partition it: "
+            f"resume with {saved} processes (optim.grad_accum_steps may change to fit the per-device batch)"], errors
+        assert "ZeRORuntimeException" not in refused.stderr and len(records(run)) == 2

@@ -28,6 +28,16 @@ class RunConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # Accelerate's: also "wandb", "mlflow"...
     max_nonfinite_steps: int = 20  # consecutive skipped (non-finite) steps before the job stops
     mixed_precision: Literal["launcher", "no", "bf16", "fp16"] = "launcher"  # "launcher": accelerate's flag
+    # CUDA only. cuDNN times its convolution algorithms for each new input shape and keeps the fastest (the shapes
+    # here are fixed); off: its heuristic choice, and the same algorithm run to run (bit-exact reruns need more).
+    cudnn_benchmark: bool = True
+    # Seconds a collective may wait for the other ranks before the process group ends the job (NCCL's default
+    # 600, gloo's 1800). A rank whose loader fails stops the others at once (training/loop.py, agreed); this bounds
+    # any other error on one rank. It must exceed the longest wait between ranks: a checkpoint save, a re-grouping.
+    collective_timeout_s: float = 1800.0
+    # CUDA only. TensorFloat-32 for float32 matmuls and convolutions (10-bit mantissa, as bf16 autocast's 7 is
+    # coarser still): several times faster on A100/H100 without mixed precision; off: full float32.
+    tf32: bool = True
 
 
 
@@ -47,6 +57,9 @@ class DataConfig:
     # Samples or shards in a row that fail (nothing decodes: HTML instead of tar, images under another
     # key, a crop that cannot be made) before the job stops naming the first; real corruption is sparse.
     max_consecutive_failures: int = 1000
+    # CUDA only. The loader's batches in page-locked memory, so that their copy to the GPU (non_blocking) overlaps
+    # compute instead of waiting for the stream; off if the host is short of memory (costs one batch per worker).
+    pin_memory: bool = True
     # Crop records (multicrop.CropSpec fields); global crops first. BYOL asymmetric recipe by default.
     crops: list[dict[str, Any]] = field(
         default_factory=lambda: [
@@ -66,7 +79,9 @@ class ModelConfig:
     pred_hidden_dim: int = 2048
     sync_bn: bool = True  # SyncBatchNorm in backbone and heads with several CUDA ranks (CPU ranks: per-rank BN)
     channels_last: bool = True  # faster convolutions on GPU; ignored for transformers
-    compile: bool = False  # torch.compile the model
+    # torch.compile the networks (inductor; in place, before DDP / DeepSpeed wrap them). The first step compiles
+    # (minutes on a CPU, and again for each new crop resolution); later steps run the compiled graphs.
+    compile: bool = False
     # "smog": group contrast (docs/method.md); "byol": the instance-level control, the same networks with
     # BYOL's loss and no grouping (every grouping.* key is then unused: no k-means, cache or G updates)
     objective: Literal["smog", "byol"] = "smog"

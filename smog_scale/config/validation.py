@@ -119,6 +119,7 @@ def validate(config: Config) -> None:
         (run.log_every >= 1, "run.log_every must be at least 1"),
         (run.save_every >= 1, "run.save_every must be at least 1"),
         (run.max_nonfinite_steps >= 1, "run.max_nonfinite_steps must be at least 1"),
+        (run.collective_timeout_s > 0, "run.collective_timeout_s must be positive"),
         (run.seed >= 0, "run.seed must not be negative"),
         (all(t in trackers for t in run.trackers),
          f"run.trackers: {run.trackers} names an unknown tracker; Accelerate's are {', '.join(trackers)}"),

@@ -27,15 +27,18 @@ def extract_features(model: nn.Module, batches: Iterable[Sequence[Any]], acceler
 
     ``batches`` yields ``(images [B, 3, S, S] normalized float, labels [B], ...)`` as
     ``shards.build_eval_loader`` does. ``model`` runs in eval mode under the accelerator's autocast
-    and gets its mode back. A collective: the ranks agree on D, so a rank without batches returns [0, D].
+    and gets its mode back. The images enter in the dtype of ``model``'s weights: DeepSpeed leaves the online
+    backbone in bf16/fp16 and Accelerate's autocast off, where float32 images would meet bf16 convolutions.
+    A collective: the ranks agree on D, so a rank without batches returns [0, D].
     """
     was_training = model.training
     model.eval()
+    dtype = next((p.dtype for p in model.parameters()), None)  # None: a model without weights takes them as given
     feats, labels = [], []
     for images, cls, *_ in tqdm(batches, desc=desc, unit="batch", disable=not accelerator.is_main_process,
                                 dynamic_ncols=True):
         with accelerator.autocast():
-            out = model(images.to(accelerator.device, non_blocking=True)).float()
+            out = model(images.to(accelerator.device, dtype=dtype, non_blocking=True)).float()
         feats.append(F.normalize(out, dim=1) if normalized else out)
         labels.append(cls.to(accelerator.device))
     model.train(was_training)

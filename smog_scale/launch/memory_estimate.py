@@ -15,14 +15,21 @@
 - momentum forward: the largest input + output of one module of the momentum encoder, which runs
   without a graph after the online forward, so its activations are freed layer by layer.
 
-The total counts the larger of gradients and momentum forward (one runs before the backward pass,
-the other during it). It is an upper bound of ``torch.cuda.max_memory_allocated`` over a step (the
-trainer's logged ``peak_memory_gb``): it holds every saved activation and every gradient at once, while
-the backward pass frees the first as it allocates the second. Not included: the CUDA context (outside the
-allocator, about 0.5-1 GiB), the allocator's fragmentation, and the re-grouping's k-means (README, "The grouping at
-scale"). Under DeepSpeed ZeRO the optimizer state (and at stage 2 the gradients) are sharded, so the
-figure is an upper bound there too. The backward pass itself does not run on fake CUDA tensors in torch
-2.14 (the autograd engine asks the driver for the device), hence the bound rather than a simulation.
+- outside torch's allocator, allowances that the self-check compares with a GPU's own count
+  (``torch.cuda.mem_get_info``): the CUDA context with its cuBLAS and cuDNN handles (``CUDA_CONTEXT_BYTES``),
+  NCCL's buffers with more than one process (``NCCL_BYTES``), and faiss's GPU resources, one per process with
+  ``centroid_search.FAISS_TEMP_MEMORY_BYTES`` of temporary memory, held from the first re-grouping on;
+- inside it, cuDNN's convolution workspace (``CUDNN_WORKSPACE_BYTES``, an allowance too).
+
+``allocated`` counts the allocator's parts, less the smaller of gradients and momentum forward (one runs
+before the backward pass, the other during it). It is an upper bound of ``torch.cuda.max_memory_allocated``
+over a step (the trainer's logged ``peak_memory_gb``): it holds every saved activation and every gradient at
+once, while the backward pass frees the first as it allocates the second. ``total`` adds the parts outside
+the allocator: what a device must hold. Not included: the allocator's fragmentation, and the re-grouping's
+k-means (README, "The grouping at scale"). Under DeepSpeed ZeRO the optimizer state (and at stage 2 the
+gradients) are sharded, so the figure is an upper bound there too. The backward pass itself does not run on
+fake CUDA tensors in torch 2.14 (the autograd engine asks the driver for the device), hence the bound rather
+than a simulation.
 """
 
 from __future__ import annotations
@@ -40,12 +47,23 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from smog_scale.config.derived import derive
 from smog_scale.config.schema import Config
 from smog_scale.config.validation import crop_specs
+from smog_scale.method.centroid_search import FAISS_TEMP_MEMORY_BYTES
 from smog_scale.models.smog import SMoGModel
 
 Precision = Literal["no", "bf16", "fp16"]
 AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZER_BUFFERS = {"lars": 1, "sgd": 1, "adamw": 2}
 GIB = 2**30
+MIB = 2**20
+# Allowances, not measured here (tools/selfcheck.py measures them on a GPU): the CUDA 12 context with lazily
+# loaded kernels and the cuBLAS / cuDNN handles (0.5-1 GiB on current GPUs); NCCL's channel buffers with more
+# than one process (NCCL_BUFFSIZE 4 MiB per channel and peer, more with NVLink SHARP); cuDNN's workspace for
+# the convolution algorithms it picks; faiss's StandardGpuResources (its temporary memory and cuBLAS handle).
+CUDA_CONTEXT_BYTES = 1 * GIB
+NCCL_BYTES = 1 * GIB
+CUDNN_WORKSPACE_BYTES = 1 * GIB
+FAISS_BYTES = FAISS_TEMP_MEMORY_BYTES + 64 * MIB
+OUTSIDE_ALLOCATOR = ("cuda_context", "nccl", "faiss")
 
 
 @dataclass(frozen=True)
@@ -58,15 +76,22 @@ class MemoryEstimate:
     parts: dict[str, int]
 
     @property
+    def allocated(self) -> int:
+        """Torch's allocator at its peak: its parts but the smaller of gradients and momentum forward (the
+        momentum forward runs, and frees its activations, before the backward pass allocates the gradients)."""
+        inside = sum(size for name, size in self.parts.items() if name not in OUTSIDE_ALLOCATOR)
+        return inside - min(self.parts["gradients"], self.parts["momentum_forward"])
+
+    @property
     def total(self) -> int:
-        """Everything but the smaller of gradients and momentum forward: the momentum forward runs
-        (and frees its activations) before the backward pass allocates the gradients."""
-        return sum(self.parts.values()) - min(self.parts["gradients"], self.parts["momentum_forward"])
+        """What the device must hold: ``allocated`` and the parts outside the allocator."""
+        return self.allocated + sum(self.parts.get(name, 0) for name in OUTSIDE_ALLOCATOR)
 
     def summary(self) -> str:
         """One line: the total and its parts in GiB."""
         parts = ", ".join(f"{name} {size / GIB:.2f}" for name, size in self.parts.items())
-        return (f"{self.total / GIB:.1f} GiB per device at {self.batch_size_per_device} images per device "
+        return (f"{self.total / GIB:.1f} GiB per device ({self.allocated / GIB:.1f} GiB allocated by torch) at "
+                f"{self.batch_size_per_device} images per device "
                 f"({self.processes} processes, precision {self.precision}): {parts}")
 
 
@@ -151,5 +176,9 @@ def estimate(cfg: Config, processes: int, precision: Precision) -> MemoryEstimat
         "inputs": pixels * (1 + 4),
         "activations": activations,
         "momentum_forward": momentum_step,
+        "cudnn_workspace": CUDNN_WORKSPACE_BYTES,
+        "cuda_context": CUDA_CONTEXT_BYTES,
+        "nccl": NCCL_BYTES if processes > 1 else 0,
+        "faiss": FAISS_BYTES,
     }
     return MemoryEstimate(batch, processes, precision, parts)

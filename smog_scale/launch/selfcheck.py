@@ -4,14 +4,15 @@ Run it as the long job will run (``accelerate launch [the job's options] tools/s
 checks use the recipe's backbone and the launch's precision, world size and DeepSpeed setting on tiny
 demo shards. They drive the trainer through its command line (``smog_scale/train.py``'s ``main(argv)``:
 exit codes, ``metrics.jsonl``, checkpoints), so they follow it as it changes. ``DIR`` (default
-``selfcheck``, on a filesystem every node sees) has its ``images``, ``shards``, ``run``, ``full`` and
-``export`` replaced.
+``selfcheck``, on a filesystem every node sees) has its ``images``, ``shards``, ``run``, ``monitor``,
+``probe``, ``full`` and ``export`` replaced.
 
 ``CHECKS``, in order (one that needs a check that did not pass is skipped): a few steps with a
 re-grouping every 2 steps (k-means and its logging), the checkpoint, a resume, the pre-emption signal
-(SIGUSR1 mid-run: save, exit 0), export to timm and a reload on the device, DeepSpeed's checkpoint format
-when the launch uses DeepSpeed, k-means with faiss on the GPU, 4 steps at the recipe's full per-device
-batch with the peak memory, and images/s per device. The main process prints a table (check, ok,
+(SIGUSR1 mid-run: save, exit 0), export to timm and a reload on the device, the kNN monitor, a skipped
+step leaving no gradients behind (``skip_probe``), DeepSpeed's checkpoint format when the launch uses
+DeepSpeed, k-means with faiss on the GPU, 4 steps at the recipe's full per-device batch with the peak
+memory against ``tools/memory.py``'s estimate, and images/s per device. The main process prints a table (check, ok,
 seconds, detail) and writes ``DIR/selfcheck.json``, a list of ``{"check", "ok", "seconds", "detail"}``
 with ``ok`` true, false, or null for a skipped check (the detail says why). Exit code 1 if a check
 failed, 2 for a bad recipe (before any check), else 0.
@@ -35,7 +36,6 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import faiss
 import timm
 import torch
 import torch.nn.functional as F
@@ -48,9 +48,10 @@ from smog_scale.config.schema import Config
 from smog_scale.config.validation import crop_specs, load_config
 from smog_scale.data.converter.make_shards import ConvertOptions, convert
 from smog_scale.data.synthetic.demo import write_demo
-from smog_scale.launch import memory_estimate
+from smog_scale.launch import memory_estimate, skip_probe
 from smog_scale.launch.selfcheck_runner import Check, Failed, Skipped, run_checks, table
-from smog_scale.method import kmeans
+from smog_scale.method import centroid_search, kmeans
+from smog_scale.training.loop import make_accelerator
 
 STEPS = 4  # the first run; re-grouping every 2 steps, so k-means runs twice
 BATCH_PER_DEVICE = 8  # for every run but the full-batch one
@@ -172,16 +173,15 @@ def environment(ctx: Context) -> str:
     device = ctx.launch.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     deepspeed = ctx.launch.distributed_type == DistributedType.DEEPSPEED
-    faiss_kind = "GPU" if hasattr(faiss, "GpuIndexFlatIP") else "CPU only"
     return (f"torch {torch.__version__}, {ctx.world} process(es) on {name}, precision {ctx.precision}, "
-            f"DeepSpeed {'yes' if deepspeed else 'no'}, faiss {faiss.__version__} ({faiss_kind})")
+            f"DeepSpeed {'yes' if deepspeed else 'no'}, k-means search {centroid_search.describe()}")
 
 
 def demo_shards(ctx: Context) -> str:
     """Replace DIR's check folders; the main process writes 160 demo images into 8 shards."""
     try:
         if ctx.main:
-            for name in ("images", "shards", "run", "full", "export"):
+            for name in ("images", "shards", "run", "monitor", "probe", "full", "export"):
                 shutil.rmtree(ctx.out / name, ignore_errors=True)
             write_demo(ctx.out / "images", train_per_class=16, val_per_class=0)
             manifest = convert(ctx.out / "images" / "train", ctx.out / "shards", ConvertOptions(samples_per_shard=20),
@@ -266,6 +266,31 @@ def export(ctx: Context) -> str:
     return f"{ctx.cfg.model.backbone} exported, reloaded through timm on {device}: features {list(features.shape)}"
 
 
+def knn_monitor(ctx: Context) -> str:
+    """2 steps with the kNN monitor on the demo shards (under DeepSpeed the online backbone is bf16/fp16)."""
+    shards, size = ctx.out / "shards", crop_specs(ctx.cfg)[0].size
+    ctx.train("monitor", *ctx.small(), "run.max_steps=2", f"monitor.knn_train_shards={shards}",
+              f"monitor.knn_val_shards={shards}", f"monitor.image_size={size}", "monitor.knn_every_epochs=1",
+              f"monitor.batch_size={BATCH_PER_DEVICE}")
+    if not ctx.main:
+        return ""
+    knn = [r for r in ctx.records("monitor") if r.get("event") == "knn"]
+    if not knn or not 0 <= knn[-1]["knn_top1"] <= 100:
+        raise Failed(f"no kNN accuracy logged after 2 steps: {ctx.messages('monitor')[-2:]}")
+    return f"kNN top-1 {knn[-1]['knn_top1']:.1f}% on the demo shards after step {knn[-1]['step']}"
+
+
+def skipped_step(ctx: Context) -> str:
+    """A step with a non-finite micro-batch, then a clean one, against the clean one alone (skip_probe)."""
+    cfg = load_config(ctx.recipe, [*ctx.overrides, f"data.train_shards={ctx.out / 'shards'}", "run.trackers=[]",
+                                   f"run.output_dir={ctx.out / 'probe'}", *ctx.small(), "optim.grad_accum_steps=2",
+                                   f"optim.global_batch_size={2 * BATCH_PER_DEVICE * ctx.world}"])
+    difference, change = skip_probe.skipped_step_difference(cfg, make_accelerator)
+    if not change or difference > 0.01 * change:  # a leaked step is as large as a step; kernels' rounding is not
+        raise Failed(f"the skipped step left gradients behind: weights off by {difference:.2e} (a step: {change:.2e})")
+    return f"a skipped step left nothing behind: weights off by {difference:.1e} after a step of {change:.1e}"
+
+
 def deepspeed_format(ctx: Context) -> str:
     if ctx.launch.distributed_type != DistributedType.DEEPSPEED:
         raise Skipped("the launch does not use DeepSpeed")
@@ -279,14 +304,14 @@ def faiss_gpu(ctx: Context) -> str:
     device = ctx.launch.device
     if device.type != "cuda":
         raise Skipped("no CUDA device")
-    if not hasattr(faiss, "GpuIndexFlatIP"):
-        raise Skipped("faiss-cpu is installed; for the GPU index: pip uninstall faiss-cpu; pip install -e .[gpu]")
+    if centroid_search.backend() != "faiss-gpu":
+        raise Skipped(f"k-means search {centroid_search.describe()}; for faiss's GPU index: README, GPU install")
     generator = torch.Generator(device).manual_seed(ctx.launch.process_index)
     rows = torch.randn(4096, 128, device=device, generator=generator)
     result = kmeans.fit(F.normalize(rows, dim=1), 256, iters=5)
     if not torch.isfinite(result.centroids).all() or int(result.sizes.sum()) != 4096 * ctx.world:
         raise Failed(f"k-means on the GPU gave sizes summing to {int(result.sizes.sum())}")
-    return f"k-means, faiss GPU search: {ctx.world} x 4096 rows -> 256 centroids, {result.iterations} iterations"
+    return f"k-means, search faiss-gpu: {ctx.world} x 4096 rows -> 256 centroids, {result.iterations} iterations"
 
 
 def full_batch(ctx: Context) -> str:
@@ -307,9 +332,16 @@ def full_batch(ctx: Context) -> str:
     peak = max(r["peak_memory_gb"] for r in steps)
     if device.type != "cuda":
         return f"{batch} images per device x {ctx.world}: peak host memory (RSS) {peak:.2f} GiB"
-    estimate = memory_estimate.estimate(ctx.cfg, ctx.world, ctx.precision).total / memory_estimate.GIB
-    return (f"{batch} images per device x {ctx.world}: peak {peak:.2f} GiB allocated on {device} "
-            f"(tools/memory.py estimates at most {estimate:.1f} GiB)")
+    estimate = memory_estimate.estimate(ctx.cfg, ctx.world, ctx.precision)
+    allocated, total = (size / memory_estimate.GIB for size in (estimate.allocated, estimate.total))
+    free, capacity = torch.cuda.mem_get_info(device)
+    in_use = (capacity - free) / memory_estimate.GIB  # the context, NCCL, faiss and the allocator's cache too
+    if peak > allocated:
+        raise Failed(f"peak {peak:.2f} GiB allocated on {device} exceeds tools/memory.py's estimate of "
+                     f"{allocated:.1f} GiB: the estimate misses a part (docs: README, Memory per device)")
+    return (f"{batch} images per device x {ctx.world}: peak {peak:.2f} GiB allocated on {device} (estimated at "
+            f"most {allocated:.1f} GiB); {in_use:.1f} GiB of the device's {capacity / memory_estimate.GIB:.0f} GiB "
+            f"in use (estimated {total:.1f} GiB with the CUDA context, NCCL and faiss)")
 
 
 def throughput(ctx: Context) -> str:
@@ -328,6 +360,8 @@ CHECKS = (
     Check("resume", resume, ("checkpoint",)),
     Check("pre-emption signal", preemption, ("resume",)),
     Check("export to timm", export, ("checkpoint",), main_only=True),
+    Check("kNN monitor", knn_monitor, ("demo shards",)),
+    Check("skipped step", skipped_step, ("demo shards",)),
     Check("DeepSpeed", deepspeed_format, ("train + re-grouping",), main_only=True),
     Check("faiss on the GPU", faiss_gpu),
     Check("full per-device batch", full_batch, ("demo shards",)),

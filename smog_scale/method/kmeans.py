@@ -12,7 +12,7 @@ the rows of the union nearest to it, counted by every rank over its own rows and
 seeds see every row's density while the seeding loop stays the sample's size.
 
 Both run the same Lloyd loop (``gather`` runs it on rank 0 alone). The nearest-centroid search is a faiss
-GPU index with faiss-gpu, torch's blocked matmul elsewhere (:class:`_NearestCentroid` says why); the loop
+GPU index with faiss-gpu, torch's blocked matmul elsewhere (``smog_scale.method.centroid_search``); the loop
 is written here because ``faiss.Kmeans`` cannot all-reduce between iterations and can leave a
 cluster empty (it splits big clusters, which duplicate rows defeat). Here an empty cluster takes the member
 farthest from its centroid in one of the clusters with the largest summed distance, until none is empty.
@@ -26,13 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-import faiss
-import faiss.contrib.torch_utils  # lets faiss indexes search torch tensors, CUDA ones included
 import torch
 import torch.nn.functional as F
 
 from smog_scale import dist
-from smog_scale.method.grouping import nearest
+from smog_scale.method.centroid_search import NearestCentroid, nearest_sample_rows
 
 Mode = Literal["gather", "sharded"]
 Init = Literal["greedy_kmeans++", "random"]
@@ -43,9 +41,6 @@ _MAX_REPAIR_ITERS = 10
 _GRAM_BYTES = 2**30
 # Least rows of the seeding sample per centroid: the sample grows with K past ``init_sample``.
 _SAMPLE_ROWS_PER_CENTROID = 4
-# The CPU index that counts each sample row's nearest union rows (:func:`_sample_weights`): sample rows per
-# inverted list, lists searched per row, k-means iterations that place the lists.
-_ROWS_PER_LIST, _LISTS_PROBED, _LIST_ITERS = 128, 4, 10
 
 
 class KMeansResult(NamedTuple):
@@ -196,26 +191,12 @@ def _sample_weights(sample: torch.Tensor, x: torch.Tensor, seed: int) -> torch.T
 
     Summed over the ranks, these weights make the sample a coreset of the union (as k-means|| weights its
     candidates): seeding on an unweighted sample of a few rows per centroid misjudges the sizes of small
-    clusters. On the CPU the search is a faiss inverted-file index over the sample that scans 4 of its
-    M / 128 lists per row, since an exact search (N x M x D, and an argmax over N x M) costs several
-    Lloyd passes there; a row whose nearest sample row lies in a list it does not scan counts for the
-    nearest one it scans (on the benchmark's ``dirichlet`` data the counts differ from exact ones by 8% of
-    the rows, in L1). Elsewhere the search is exact (:class:`_NearestCentroid`).
+    clusters. The search: :func:`smog_scale.method.centroid_search.nearest_sample_rows`.
     """
     weights = torch.zeros(len(sample), device=x.device)
     if not len(x):  # this rank's cache is still empty
         return weights
-    if x.device.type == "cpu":
-        lists = max(1, len(sample) // _ROWS_PER_LIST)
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(x.shape[1]), x.shape[1], lists, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed, index.cp.niter = seed, _LIST_ITERS
-        index.train(sample)
-        index.add(sample)
-        index.nprobe = min(lists, _LISTS_PROBED)
-        nearest_row = index.search(x, 1)[1][:, 0]
-    else:
-        nearest_row = _NearestCentroid(x)(sample)[1]
-    return weights.index_add_(0, nearest_row, torch.ones(len(x), device=x.device))
+    return weights.index_add_(0, nearest_sample_rows(sample, x, seed), torch.ones(len(x), device=x.device))
 
 
 def _greedy_kmeanspp(
@@ -283,13 +264,13 @@ def _lloyd(
 ) -> KMeansResult:
     """Lloyd's loop from ``centroids`` (K x D) over ``x`` (N_r x D unit rows) with empty-cluster re-seeding.
 
-    Each pass assigns every row to its nearest centroid (:class:`_NearestCentroid`), reduces the
+    Each pass assigns every row to its nearest centroid (``centroid_search.NearestCentroid``), reduces the
     per-centroid sums and counts over ranks when ``sync``, and moves every centroid to its members'
     normalized mean; empty clusters are re-seeded (:func:`_reseed_rows`). It returns once ``iters``
     updates are done or ``tol`` is met and no cluster is empty, or when the repair budget is spent
     (``fit`` then raises).
     """
-    search = _NearestCentroid(x)
+    search = NearestCentroid(x)
     num_reseeded, previous = 0, math.inf
     for iteration in range(iters + _MAX_REPAIR_ITERS + 1):
         sims, labels = search(centroids)  # N_r, N_r
@@ -340,33 +321,6 @@ def _reseed_rows(
 
 def _sum_over_ranks(tensor: torch.Tensor, sync: bool) -> torch.Tensor:
     return dist.all_reduce_sum(tensor) if sync else tensor
-
-
-class _NearestCentroid:
-    """Nearest centroid by inner product: a faiss flat index on the GPU with CUDA and faiss-gpu, else torch.
-
-    Elsewhere :func:`smog_scale.method.grouping.nearest` (blocked matmul, the grouping step's own search) runs on
-    the rows' device. It replaces faiss's CPU index because faiss-cpu bundles an OpenBLAS that falls back
-    to generic kernels on current Xeons: 65,536 rows x 3,000 centroids took 0.45 s against faiss's 1.0 s
-    (0.27 s for both with ``OPENBLAS_CORETYPE=SKYLAKEX``), with the same labels but for near-ties.
-    """
-
-    def __init__(self, x: torch.Tensor) -> None:
-        use_gpu = torch.cuda.is_available() and hasattr(faiss, "GpuIndexFlatIP")
-        self.device = x.device
-        self.gpu = faiss.StandardGpuResources() if use_gpu else None
-        self.rows = x.to(torch.device("cuda", torch.cuda.current_device())) if use_gpu and not x.is_cuda else x
-
-    def __call__(self, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Similarity to, and index of, each row's nearest centroid (K x D unit rows) -> (N_r, N_r int64)."""
-        if self.gpu is None:
-            return nearest(centroids, self.rows)
-        config = faiss.GpuIndexFlatConfig()
-        config.device = self.rows.device.index
-        index = faiss.GpuIndexFlatIP(self.gpu, centroids.shape[1], config)
-        index.add(centroids.to(self.rows.device).contiguous())
-        sims, labels = index.search(self.rows, 1)
-        return sims[:, 0].to(self.device), labels[:, 0].to(self.device)
 
 
 def _broadcast_result(result: KMeansResult | None, k: int, x: torch.Tensor) -> KMeansResult:

@@ -165,6 +165,11 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
+def written_by_deepspeed(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds DeepSpeed's format (``pytorch_model/``, no ``model.safetensors``)."""
+    return (path / "pytorch_model").is_dir()
+
+
 def verify(path: Path) -> int:
     """Check that every file of checkpoint ``path`` reads as far as loading starts (safetensors headers
     against the file size, torch archives' directories, JSON, YAML); returns its step. Cheap: no tensor is
@@ -176,7 +181,7 @@ def verify(path: Path) -> int:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UnreadableCheckpoint(f"{state_file}: {type(err).__name__}: {err}") from err
     required = ["smog.safetensors", *(f"cache_rank{r}.safetensors" for r in range(world))]
-    if not (path / "pytorch_model").is_dir():  # DeepSpeed's folder replaces model.safetensors
+    if not written_by_deepspeed(path):  # DeepSpeed's folder replaces model.safetensors
         required.append("model.safetensors")
     missing = [name for name in required if not (path / name).is_file()]
     if missing:

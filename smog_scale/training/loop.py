@@ -14,16 +14,17 @@ import itertools
 import signal
 import time
 import traceback
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from smog_scale import dist
 from smog_scale.config.derived import derive
-from smog_scale.config.recipe_file import ConfigError
 from smog_scale.config.schema import Config, Derived, resolved
 from smog_scale.config.validation import crop_specs
 from smog_scale.data.shards import build_train_loader
@@ -31,7 +32,7 @@ from smog_scale.method.feature_cache import FeatureCache
 from smog_scale.method.grouping import GroupBank
 from smog_scale.method.regroup_schedule import schedule
 from smog_scale.models.smog import SMoGModel
-from smog_scale.training import checkpoint, monitor, regrouping
+from smog_scale.training import checkpoint, deepspeed_launch, monitor, regrouping
 from smog_scale.training.optim import build_optimizer
 from smog_scale.training.run_dir import Run
 from smog_scale.training.run_log import RunLog
@@ -41,12 +42,26 @@ from smog_scale.training.step import TrainState, train_step
 def make_accelerator(cfg: Config) -> Accelerator:
     """Accelerator for this launch; precision from the launcher unless the recipe sets it."""
     precision = {} if cfg.run.mixed_precision == "launcher" else {"mixed_precision": cfg.run.mixed_precision}
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.collective_timeout_s))
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum_steps, kwargs_handlers=[timeout],
                               log_with=cfg.run.trackers or None, project_dir=cfg.run.output_dir, **precision)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.optim.name == "lars":
-        raise ConfigError("optim.name=lars cannot run under DeepSpeed ZeRO: its flattened partitions break "
-                          "LARS's per-parameter trust ratio; use DDP (no DeepSpeed) or optim.name=adamw")
+    deepspeed_launch.refuse_unsupported(accelerator, cfg)
+    set_cuda_backends(cfg)
     return accelerator
+
+
+def set_cuda_backends(cfg: Config) -> None:
+    """The recipe's cuDNN autotuning and TF32 for float32 matmuls and convolutions (``run.cudnn_benchmark``,
+    ``run.tf32``); they change nothing off CUDA. Torch's legacy flags, which every supported torch reads."""
+    torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.run.tf32
+
+
+def pins_memory(cfg: Config, device: torch.device) -> bool:
+    """Whether the training loader pins its batches: ``data.pin_memory`` on a CUDA device (nothing to pin for
+    elsewhere)."""
+    return cfg.data.pin_memory and device.type == "cuda"
 
 
 def build(cfg: Config, accelerator: Accelerator, derived: Derived | None = None) -> TrainState:
@@ -54,10 +69,7 @@ def build(cfg: Config, accelerator: Accelerator, derived: Derived | None = None)
 
     ``derived`` by default from :func:`derive`, which checks the training shards."""
     derived = derived or derive(cfg, accelerator.num_processes)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # else the config file's values win
-        accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=derived.batch_size_per_device,
-            gradient_accumulation_steps=cfg.optim.grad_accum_steps)
+    deepspeed_launch.write_recipe_values(accelerator, cfg, derived)  # else the config file's values win
     set_seed(cfg.run.seed)
     mc = cfg.model
     model: torch.nn.Module = SMoGModel(mc.backbone, mc.proj_hidden_dim, mc.proj_dim, mc.pred_hidden_dim,
@@ -66,14 +78,17 @@ def build(cfg: Config, accelerator: Accelerator, derived: Derived | None = None)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # torch's SyncBN is CUDA-only
     if mc.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if mc.compile:  # in place and before prepare: DDP or DeepSpeed wraps it; its keys and methods stay the model's
+        model.compile()
     optimizer = build_optimizer(model, cfg.optim, derived.scaled_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.unwrap_model(model).settle_dtypes()  # DeepSpeed cast all parameters to bf16/fp16
-    if mc.compile:
-        model = cast(torch.nn.Module, torch.compile(model))  # an OptimizedModule wrapping the model
     bank = GroupBank(cfg.grouping.num_groups, mc.proj_dim).to(accelerator.device)
     dist.broadcast(bank.groups)
     cache = FeatureCache(derived.cache_size_per_device, mc.proj_dim).to(accelerator.device)
+    # Every rank built the same networks and G from run.seed. The draws from here on must differ between ranks
+    # (Swin's drop path, random_select's keys): each rank continues from run.seed + rank (rank 0: run.seed's own).
+    set_seed(cfg.run.seed, device_specific=True)
     return TrainState(cfg, derived, accelerator, model, optimizer, bank, cache)
 
 
@@ -86,6 +101,24 @@ def reading_settings(cfg: Config) -> dict[str, Any]:
 def knn_monitor(state: TrainState, log: RunLog) -> None:
     """The kNN monitor (:func:`monitor.knn`) reading its shards with the recipe's settings."""
     monitor.knn(state, log, reading_settings(state.cfg))
+
+
+def agreed(batches: Iterable[dict]) -> Iterator[dict]:
+    """``batches``, each one's arrival agreed by every rank first (:func:`dist.agree_on_failure`): a rank whose
+    loader raises (an unreadable shard, a dead worker) stops every rank at the same batch, the others with
+    ``dist.PeerFailed`` naming its error, instead of leaving them in the step's collectives until the
+    process group's timeout (``run.collective_timeout_s``) ends them."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as err:
+            dist.agree_on_failure(err)
+            raise
+        dist.agree_on_failure(None)
+        yield batch
 
 
 def save(state: TrainState) -> Path:
@@ -111,10 +144,10 @@ def train(state: TrainState, log: RunLog) -> int:
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=epoch, rank=dist.rank(),
             world_size=dist.world_size(), num_samples=derived.num_samples,
             shuffle_buffer=cfg.data.shuffle_buffer, start_batch=done * cfg.optim.grad_accum_steps,
-            **reading_settings(cfg))
+            pin_memory=pins_memory(cfg, state.accelerator.device), **reading_settings(cfg))
         remaining = (derived.steps_per_epoch - done) * cfg.optim.grad_accum_steps
         waited = time.perf_counter()
-        for batch in itertools.islice(loader, remaining):
+        for batch in agreed(itertools.islice(loader, remaining)):
             log.data_wait(time.perf_counter() - waited)
             end = train_step(state, batch)  # None before the last micro-batch of an optimizer step
             if end is not None:

@@ -30,7 +30,7 @@ from smog_scale.config.derived import derive
 from smog_scale.config.preflight import check_paths, resume_differences
 from smog_scale.config.recipe_file import ConfigError
 from smog_scale.config.schema import Config, Derived, dump, resolved
-from smog_scale.training import checkpoint
+from smog_scale.training import checkpoint, deepspeed_launch
 
 LOCK_NAME = "job.lock"
 HEARTBEAT_S = 15.0  # the holder refreshes the lock's mtime this often
@@ -229,6 +229,23 @@ def move_aside(output_dir: str | Path, step: int) -> str | None:
             f"{dest}: this run continues from step {step}; delete them when no longer needed")
 
 
+def check_deepspeed_resume(path: Path, world_size: int, deepspeed: bool) -> None:
+    """Refuse (``ConfigError``) a resume that DeepSpeed's loader would fail on after the model is built: a
+    checkpoint written under DeepSpeed resumed without it or the other way round (the weights are in another
+    format), or a DeepSpeed checkpoint resumed on another number of processes (its ZeRO optimizer state is
+    partitioned over the processes that wrote it, and DeepSpeed does not re-partition it)."""
+    saved_world = json.loads((path / "trainer_state.json").read_text())["world_size"]
+    saved_deepspeed = checkpoint.written_by_deepspeed(path)
+    if saved_deepspeed != deepspeed:
+        written, launched = ("under", "without") if saved_deepspeed else ("without", "under")
+        raise ConfigError(f"run.resume: {path} was written {written} DeepSpeed and this launch runs {launched} it; "
+                          f"resume it with the launch that wrote it")
+    if deepspeed and saved_world != world_size:
+        raise ConfigError(f"run.resume: {path} holds DeepSpeed ZeRO state partitioned over {saved_world} processes "
+                          f"and this launch has {world_size}; DeepSpeed cannot re-partition it: resume with "
+                          f"{saved_world} processes (optim.grad_accum_steps may change to fit the per-device batch)")
+
+
 def check_resume(cfg: Config, derived: Derived, path: Path) -> str | None:
     """Refuse to resume from checkpoint ``path`` with a recipe that differs from its own in a key that
     must not change (``ConfigError`` listing them). Returns a note when the checkpoint has no recipe."""
@@ -259,13 +276,14 @@ class Run:
             self.lock.release()
 
 
-def _decide(cfg: Config, derived: Derived) -> tuple[Path | None, int, list[str | None]]:
-    """Main process, holding the lock: the resume point and its step, checked against this recipe; newer
-    checkpoints moved aside; the recipe written as ``RUN/config.yaml`` (only now: a refused resume keeps
-    the run's own)."""
+def _decide(cfg: Config, derived: Derived, deepspeed: bool) -> tuple[Path | None, int, list[str | None]]:
+    """Main process, holding the lock: the resume point and its step, checked against this recipe and this
+    launch (``deepspeed``: whether it runs under DeepSpeed); newer checkpoints moved aside; the recipe written
+    as ``RUN/config.yaml`` (only now: a refused resume keeps the run's own)."""
     path, step, skipped = resume_point(cfg)
     notes: list[str | None] = [*skipped]
     if path is not None:
+        check_deepspeed_resume(path, derived.world_size, deepspeed)
         notes.append(check_resume(cfg, derived, path))
     notes.append(move_aside(cfg.run.output_dir, step))
     dump(cfg, Path(cfg.run.output_dir) / checkpoint.RECIPE, derived)
@@ -285,7 +303,7 @@ def open_run(cfg: Config, accelerator: Accelerator) -> Run:
         if lock is not None:
             notes.append(lock.acquire())
             locked = True
-            resume, step, decided = _decide(cfg, derived)
+            resume, step, decided = _decide(cfg, derived, deepspeed_launch.uses_deepspeed(accelerator))
             notes += decided
     except Exception as err:  # noqa: BLE001  (re-raised below, once every rank knows)
         error = err

@@ -14,6 +14,7 @@ import torch
 from smog_scale import dist
 from smog_scale.config.schema import flatten
 from smog_scale.config.schema import to_dict as config_dict
+from smog_scale.method import centroid_search
 from smog_scale.method.health import cluster_size_health
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class RunLog:
                         desc="smog", dynamic_ncols=True, file=sys.stdout)
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if self.main else None
         self.window_start, self.window_step, self.waited = time.perf_counter(), state.global_step, 0.0
+        self.regrouped = False  # the first re-grouping's line names k-means' search backend
         if state.cfg.run.trackers:
             flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                     for k, v in flatten(config_dict(state.cfg)).items()}
@@ -92,7 +94,9 @@ class RunLog:
                   "regroup/mean_cos_distance": float(result.mean_distance),
                   "regroup/size_quantiles": stats["quantiles"].tolist(), "regroup/label_churn": churn}
         self._write(record, state.global_step)
-        self.message(f"step {state.global_step}: re-grouped, label churn {churn:.1%}")
+        backend = "" if self.regrouped else f" (k-means search: {centroid_search.describe()})"
+        self.regrouped = True
+        self.message(f"step {state.global_step}: re-grouped, label churn {churn:.1%}{backend}")
 
     def message(self, text: str) -> None:
         if self.main:

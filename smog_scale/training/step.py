@@ -29,6 +29,7 @@ from smog_scale.method.feature_cache import FeatureCache
 from smog_scale.method.grouping import GroupBank
 from smog_scale.method.health import assignment_health
 from smog_scale.method.objectives import GroupingStep, objective_step
+from smog_scale.training import deepspeed_launch
 from smog_scale.training.optim import set_learning_rate
 
 
@@ -129,7 +130,9 @@ def finish_step(state: TrainState, beta: float) -> StepEnd:
             acc.clip_grad_norm_(state.model.parameters(), cfg.optim.clip_grad_norm)
         optimizer.step()  # under DeepSpeed a no-op: the engine stepped in acc.backward
     skipped = "nonfinite" if pending.nonfinite else "overflow" if optimizer.step_was_skipped else None
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # under DeepSpeed a no-op: the engine zeroes them when it steps
+    if pending.nonfinite and deepspeed_launch.uses_deepspeed(acc):  # the engine did not step
+        deepspeed_launch.drop_gradients(state.model)
     metrics: dict[str, torch.Tensor | float] = {"loss": pending.mean_loss(), "lr": optimizer.param_groups[0]["lr"]}
     if pending.stats is not None:  # SMoG (the BYOL objective has no groups)
         agreement, hit_rate = pending.mean_health()

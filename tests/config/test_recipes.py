@@ -33,7 +33,7 @@ def test_recipe_builds_on_meta_device(recipe):
     assert backbone == pytest.approx(BACKBONE_MILLIONS[m.backbone], abs=0.1)
     world, samples = (1, 320) if recipe.stem == "demo_cpu" else (8, 1_281_167)  # demo set / ImageNet-1k
     derived = derive(cfg, world_size=world, num_samples=samples)
-    assert derived.batch_size_per_device * world == cfg.optim.global_batch_size
+    assert derived.batch_size_per_device * world * cfg.optim.grad_accum_steps == cfg.optim.global_batch_size
 
 
 def test_all_published_recipes_exist():

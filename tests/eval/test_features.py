@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from smog_scale.eval.features import extract_features
+from smog_scale.models.smog import SMoGModel
 
 
 def test_extract_features_normalizes_and_restores_mode():
@@ -19,3 +20,16 @@ def test_extract_features_normalizes_and_restores_mode():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(feats[:4], F.normalize(model(batches[0][0]), dim=1))  # the same ops: defaults
+
+
+def test_extract_features_of_a_bf16_backbone_without_autocast():
+    """As the kNN monitor meets the online backbone under DeepSpeed: weights (and, after ``settle_dtypes``,
+    BatchNorm statistics) in bf16 and Accelerate's autocast off. Float32 images must not reach it."""
+    model = SMoGModel("test_resnet", proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)  # DeepSpeed's cast: parameters only
+    model.settle_dtypes()
+    batches = [(torch.randn(4, 3, 32, 32), torch.arange(4), ["a"] * 4)]
+    feats, labels = extract_features(model.online.backbone, batches, Accelerator(cpu=True))
+    assert feats.dtype == torch.float32 and feats.shape[0] == 4 and torch.isfinite(feats).all()
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(4))

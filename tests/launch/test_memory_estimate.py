@@ -16,6 +16,7 @@ from smog_scale import train
 from smog_scale.config.validation import load_config
 from smog_scale.data.multicrop import normalize
 from smog_scale.launch import memory_estimate
+from smog_scale.method import centroid_search
 from smog_scale.models.smog import SMoGModel
 from smog_scale.training.optim import build_optimizer
 from tests.helpers import ROOT, TINY
@@ -71,18 +72,33 @@ def test_estimate_bounds_the_peak_measured_on_cpu():
             del out
             peak = max(peak, tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
             tracker.reset_mod_stats()
-    assert peak <= estimate.total <= 1.1 * peak, (peak, estimate.parts)
+    on_cpu = estimate.allocated - estimate.parts["cudnn_workspace"]  # a CUDA allowance
+    assert peak <= on_cpu <= 1.1 * peak, (peak, estimate.parts)
 
 
 @pytest.mark.parametrize("recipe", GPU_RECIPES, ids=[p.stem for p in GPU_RECIPES])
 def test_recipe_states_its_estimated_memory(recipe):
-    """Each GPU recipe's comment gives the estimate for its documented launch; it must be today's."""
+    """Each GPU recipe's comment gives the estimate for its documented launch; it must be today's, and fit an
+    80 GB GPU with what lies outside torch's allocator (R50x4 in one step at 16 processes did not: 92.0 GiB)."""
     found = NOTE.search(recipe.read_text())
     assert found, f"{recipe.name} has no memory note"
     gib, batch, processes, precision = found.groups()
     estimate = memory_estimate.estimate(load_config(recipe), int(processes), precision)
     assert estimate.batch_size_per_device == int(batch)
     assert f"{estimate.total / memory_estimate.GIB:.1f}" == gib, estimate.summary()
+    assert estimate.total < 80 * 10**9, estimate.summary()
+
+
+def test_estimate_counts_what_lies_outside_the_allocator():
+    """The CUDA context, NCCL's buffers (several processes only) and faiss's GPU resources are in the total but
+    not in what torch's allocator reports; cuDNN's workspace is in both."""
+    cfg = load_config(ROOT / "recipes" / "demo_cpu.yaml", SMALL)
+    one, two = (memory_estimate.estimate(cfg, processes, "no") for processes in (1, 2))
+    outside = memory_estimate.CUDA_CONTEXT_BYTES + memory_estimate.FAISS_BYTES
+    assert one.total - one.allocated == outside and two.total - two.allocated == outside + memory_estimate.NCCL_BYTES
+    assert one.parts["cudnn_workspace"] == memory_estimate.CUDNN_WORKSPACE_BYTES
+    assert memory_estimate.FAISS_BYTES > centroid_search.FAISS_TEMP_MEMORY_BYTES
+    assert "GiB allocated by torch" in one.summary() and "faiss 0.31" in one.summary()
 
 
 def test_tool_prints_the_estimate_and_refuses_a_batch_that_does_not_split(capsys):

@@ -13,7 +13,7 @@ from smog_scale.config.validation import load_config
 from smog_scale.launch import selfcheck
 from smog_scale.launch.selfcheck import Context
 from smog_scale.launch.selfcheck_runner import Check, Failed, Skipped, run_checks, table
-from tests.helpers import ROOT, TINY
+from tests.helpers import ROOT, TINY, launch_deepspeed
 
 # TINY's run settings are the self-check's own; the model, crops and loader stay tiny.
 TINY_MODEL = [o for o in TINY if o.startswith(("model.", "data.crops", "data.num_workers"))]
@@ -75,7 +75,22 @@ def test_selfcheck_passes_on_cpu(tmp_path, processes):
     assert outcome["DeepSpeed"] == (None, "skipped: the launch does not use DeepSpeed")
     assert all(ok for name, (ok, _) in outcome.items() if name not in ("faiss on the GPU", "DeepSpeed")), rows
     assert f"{processes} process(es) on CPU" in outcome["environment"][1]
+    assert "k-means search torch (faiss" in outcome["environment"][1]
+    assert "kNN top-1" in outcome["kNN monitor"][1] and "left nothing behind" in outcome["skipped step"][1]
     assert f"the feature caches of {processes} rank(s)" in outcome["checkpoint"][1]
     assert "k-means at steps [1, 2, 4]" in outcome["train + re-grouping"][1]
     assert f"{32 // processes} images per device x {processes}" in outcome["full per-device batch"][1]
     assert "check" in done.stdout and "images/s per device" in done.stdout
+
+
+@pytest.mark.slow
+def test_selfcheck_under_deepspeed_runs_the_monitor_and_a_skipped_step(tmp_path, shards):
+    """The self-check under DeepSpeed ZeRO-2 in bf16 (one process, DeepSpeed's CPU accelerator): the kNN monitor
+    runs on the bf16 online backbone, and a skipped step leaves no gradients in ZeRO's buffers."""
+    out = tmp_path / "check"
+    done = launch_deepspeed(tmp_path / "run", shards, "bf16", "--out", str(out), script=ROOT / "tools" / "selfcheck.py")
+    assert (out / "selfcheck.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((out / "selfcheck.json").read_text())
+    outcome = {r["check"]: (r["ok"], r["detail"]) for r in rows}
+    assert outcome["environment"][0] and "DeepSpeed yes" in outcome["environment"][1], rows
+    assert outcome["kNN monitor"][0] and outcome["skipped step"][0] and outcome["DeepSpeed"][0], rows

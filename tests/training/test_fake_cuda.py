@@ -19,6 +19,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from smog_scale.data.multicrop import normalize
 from smog_scale.method import kmeans
 from smog_scale.method.accumulation import StepAccumulator
+from smog_scale.method.centroid_search import NearestCentroid
 from smog_scale.method.feature_cache import FeatureCache
 from smog_scale.method.grouping import GroupBank, assign
 from smog_scale.method.health import assignment_health, cluster_size_health
@@ -141,7 +142,7 @@ def test_regroup_statistics_and_kmeans_device_math(cuda):
     # fit seeds with a CUDA generator; one cannot be made without a driver, and fake CUDA accepts this one
     weights = kmeans._sample_weights(sample, x, seed=0)
     centroids = kmeans._greedy_kmeanspp(sample, weights, K, trials=4, generator=torch.Generator().manual_seed(0))
-    sims, labels = kmeans._NearestCentroid(x)(centroids)
+    sims, labels = NearestCentroid(x)(centroids)
     cost = torch.zeros(K, device=cuda).index_add_(0, labels, 1 - sims)
     seeds = kmeans._reseed_rows(x, sims, labels, cost, count=2, sync=False)
     sizes = torch.zeros(K, dtype=torch.long, device=cuda).index_add_(0, labels, torch.ones_like(labels))

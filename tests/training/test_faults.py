@@ -1,5 +1,5 @@
 """The faults of a shared cluster: bad shards, a shard server that fails or stalls, a rank killed
-mid-step, a disk that fills during a checkpoint save."""
+mid-step, one rank's loader failing, a disk that fills during a checkpoint save."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from smog_scale.config.validation import load_config
 from smog_scale.data.multicrop import CropSpec
 from smog_scale.data.shards import ShardOpenError, build_train_loader
 from smog_scale.training import checkpoint
-from tests.helpers import ROOT, TINY, ShardServer, launch, make_parts, records
+from tests.helpers import ROOT, TINY, TRAIN, ShardServer, launch, make_parts, records
 
 CROPS = (CropSpec(size=16, count=2),)
 
@@ -208,6 +208,43 @@ def test_rank_killed_mid_step_ends_the_job_then_resume_works(tmp_path, shards):
     assert f"resumed from {last} at step {step}" in out.stdout
     newest = checkpoint.complete_checkpoints(run)[-1]
     assert json.loads((newest / "trainer_state.json").read_text())["global_step"] == step + 2
+
+
+# The trainer with rank 1's training loader failing at its third batch; the other rank's loader is untouched.
+FAILING_LOADER_ON_RANK_1 = '''
+import runpy
+from smog_scale import dist
+from smog_scale.training import loop
+real = loop.build_train_loader
+def build_train_loader(*args, **kwargs):
+    loader = real(*args, **kwargs)
+    def failing():
+        for index, batch in enumerate(loader):
+            if index == 2:
+                raise RuntimeError("injected loader failure")
+            yield batch
+    return failing() if dist.rank() == 1 else loader
+loop.build_train_loader = build_train_loader
+runpy.run_path({train!r}, run_name="__main__")
+'''
+
+
+@pytest.mark.slow
+def test_one_ranks_loader_error_ends_every_rank_naming_it(tmp_path, shards):
+    """2 gloo ranks, rank 1's loader raises: every rank stops at that batch, rank 0 with one line naming rank
+    1's error (not a collective's connection error, nor a wait for the process group's timeout)."""
+    script = tmp_path / "failing_loader.py"
+    script.write_text(FAILING_LOADER_ON_RANK_1.format(train=str(TRAIN)))
+    proc = launch(tmp_path / "run", shards, "run.max_steps=8", processes=2, wait=False, script=script)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, out[-3000:]
+    assert ("smog_scale: error: stopped because another rank failed (rank 1: RuntimeError: injected loader "
+            "failure)") in out, out[-3000:]
+    assert len(records(tmp_path / "run")) == 2  # a step per batch: batches 0 and 1; batch 2 stopped both ranks
 
 
 def _parts(seed: int):

@@ -110,6 +110,8 @@ def test_health_signals_in_the_run_log(tmp_path, shards):  # noqa: F811
     assert len(steps) == 6 and all(0 <= r[k] <= 1 for r in steps for k in ("label_agreement", "prediction_hit_rate"))
     regroups = [r for r in lines if r.get("event") == "regroup"]
     assert [r["step"] for r in regroups] == [2, 3, 6] and all(0 <= r["regroup/label_churn"] <= 1 for r in regroups)
-    assert sum("re-grouped, label churn" in r.get("message", "") for r in lines) == 3
+    regrouped = [r["message"] for r in lines if "re-grouped, label churn" in r.get("message", "")]
+    assert len(regrouped) == 3 and "(k-means search: torch (faiss" in regrouped[0]  # the backend, once
+    assert not any("k-means search" in m for m in regrouped[1:])
     drawn = plot_training_curves(run / "metrics.jsonl", tmp_path / "curves.png")
     assert {"label_agreement", "prediction_hit_rate", "regroup/label_churn"} <= set(drawn)
