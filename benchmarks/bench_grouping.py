@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from smog_scale.grouping import assign, group_update
+from smog_scale.method.grouping import assign, group_update
 
 
 def naive_assign(groups: torch.Tensor, feats: torch.Tensor, tau: float = 0.1) -> torch.Tensor:

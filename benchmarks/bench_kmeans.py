@@ -1,4 +1,4 @@
-"""Benchmark ``smog_scale.kmeans.fit`` against scikit-learn's KMeans and faiss's own k-means on a family of shapes.
+"""Benchmark ``smog_scale.method.kmeans.fit`` against scikit-learn's and faiss's k-means on a family of shapes.
 
 The baseline is scikit-learn's KMeans with k-means++ initialization (what a naive port uses); faiss.Kmeans
 with its default random initialization and 20 iterations shows why initialization matters. Every method
@@ -14,10 +14,10 @@ subprocess generates from a seed or reads from a file:
   ones), plus 1% or 10% of the rows scattered uniformly on the sphere (noise that belongs to no mode), so
   k-means must choose which modes and which scattered rows get a centroid of their own;
 - ``cache``: the real thing, the feature cache of a trained run: ``recipes/small_32px.yaml`` (750 steps on
-  the small set, ``python -m smog_scale.data.small``) with ``grouping.cache_size=65536``, read from the
-  per-rank cache file of its last checkpoint (65,536 x 128 momentum features of its last 256 steps). The
-  run is trained on first use under ``--cache-run`` (about 20 minutes on 2 idle cores) and reused after;
-  fewer ``--rows`` take a seeded subset.
+  the small set, ``python -m smog_scale.data.synthetic.digits32``) with ``grouping.cache_size=65536``, read
+  from the per-rank cache file of its last checkpoint (65,536 x 128 momentum features of its last 256
+  steps). The run is trained on first use under ``--cache-dir`` (about 15 minutes on 2 idle cores: 1.1 s a
+  step) and reused after; fewer ``--rows`` take a seeded subset.
 
 Quality is the mean cosine distance of every row to its nearest normalized centroid, the same
 measure for all methods, computed outside the timed region.
@@ -35,7 +35,7 @@ variables that matter here:
   and falls back to its generic "Prescott" kernels (threadpoolctl shows it); faiss's flat search then
   runs 3-5x slower. ``OPENBLAS_CORETYPE=SKYLAKEX`` (AVX-512 CPUs only) fixes that; numpy's and
   scipy's newer OpenBLAS, which scikit-learn uses, pick SkylakeX on their own, so it leaves them alone.
-  Only the faiss row depends on it: on the CPU ``smog_scale.kmeans`` searches with torch's matmul.
+  Only the faiss row depends on it: on the CPU ``smog_scale.method.kmeans`` searches with torch's matmul.
   Some machines set ``OPENBLAS_CORETYPE`` (and ``OPENBLAS_L2_SIZE``) for every process, e.g. to
   ``Haswell``, which also moves numpy's OpenBLAS, and so scikit-learn, to AVX2 kernels. ``--blas unset``
   runs every subprocess with both removed, ``--blas both`` prints one table per setting; each row names
@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = {
     "sklearn": "scikit-learn k-means++",
     "faiss": "faiss random init, 20 it",
-    "smog_scale": "smog_scale.kmeans.fit",
+    "smog_scale": "smog_scale k-means",  # smog_scale.method.kmeans.fit
 }
 # Unbalanced shapes: modes per centroid, and the share of rows scattered on the sphere.
 MODES = {"half": 0.5, "k": 1, "4k": 4}
@@ -172,7 +172,7 @@ def load_method(method: str) -> Callable[[np.ndarray, int, int], tuple[np.ndarra
         return run_faiss
     import torch
 
-    from smog_scale.kmeans import fit
+    from smog_scale.method.kmeans import fit
 
     def run_smog_scale(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, int]:
         result = fit(torch.from_numpy(x), k, seed=seed)
@@ -251,7 +251,7 @@ def report(args: argparse.Namespace, setting: str) -> None:
     if "smog_scale" not in args.methods:
         return
     others = [method for method in ("sklearn", "faiss") if method in args.methods]
-    print("\nsmog_scale.kmeans.fit against the others (distance ratio to scikit-learn: target <= 1.01; "
+    print("\nsmog_scale k-means against the others (distance ratio to scikit-learn: target <= 1.01; "
           "speed-up over scikit-learn: target >= 8x)")
     print(f"{'data':<18} " + " ".join(f"{'ratio to ' + m:>17}" for m in others) + f" {'speed-up':>9}")
     ratios: dict[str, list[tuple[float, str]]] = {method: [] for method in others}

@@ -5,8 +5,8 @@
 
 (recipe overrides first: ``--seeds`` and ``--methods`` take every word after them)
 
-Data: ``python -m smog_scale.data.small`` (written under ``--data`` on first use): 32-px digits, 1,437 train
-and 360 held-out images of 10 classes on photo and texture patches. Every trained row goes through the
+Data: ``python -m smog_scale.data.synthetic.digits32`` (written under ``--data`` on first use): 32-px digits,
+1,437 train and 360 held-out images of 10 classes on photo and texture patches. Every trained row goes through the
 user's pipeline: ``smog_scale/train.py recipes/small_32px.yaml`` on one CPU process (``model.objective=byol``
 for the control; ``key=value`` overrides go to every trained row), whose kNN monitor logs the online backbone's
 weighted kNN top-1 (k = 20, T = 0.07, center crops of the held-out split; ``tools/knn_eval.py``'s protocol) every
@@ -41,8 +41,11 @@ sys.path.insert(0, str(ROOT))
 
 import simclr_reference  # noqa: E402  (benchmarks/, on sys.path as this script's folder)
 
-from smog_scale import config, evaluate  # noqa: E402
+from smog_scale.config.derived import derive  # noqa: E402
+from smog_scale.config.validation import load_config  # noqa: E402
 from smog_scale.data.shards import build_eval_loader  # noqa: E402
+from smog_scale.eval.batchnorm import reestimate_batchnorm  # noqa: E402
+from smog_scale.eval.knn import knn_evaluate  # noqa: E402
 from smog_scale.models.backbone import build_backbone  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "small_32px.yaml"
@@ -54,7 +57,7 @@ BN_BATCHES, BN_BATCH_SIZE = 5, 256  # the "random init, BN re-estimated" row: st
 def shards(data: Path) -> tuple[Path, Path]:
     train, val = data / "shards" / "train", data / "shards" / "val"
     if not (val / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "smog_scale.data.small", str(data)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "smog_scale.data.synthetic.digits32", str(data)], check=True, cwd=ROOT)
     return train, val
 
 
@@ -64,15 +67,15 @@ def train_curve(data: Path, run: Path, method: str, seed: int, steps: int, every
     metrics = run / "metrics.jsonl"
     if not (run / "done").is_file():
         train, val = shards(data)
-        cfg = config.load(RECIPE, [f"data.train_shards={train}"])
-        per_epoch = config.derive(cfg, 1, cfg.data.num_samples or 0).steps_per_epoch
+        cfg = load_config(RECIPE, [f"data.train_shards={train}"])
+        per_epoch = derive(cfg, 1, cfg.data.num_samples or 0).steps_per_epoch
         if steps % per_epoch or every % per_epoch:
             raise SystemExit(f"--steps and --every must be multiples of the recipe's {per_epoch} steps per epoch")
         run.mkdir(parents=True, exist_ok=True)
         if metrics.exists():
             metrics.unlink()  # an interrupted run starts over: its curve must come from one run
         if method == "simclr":  # the reference is not a trainer objective: trained here (simclr_reference.py)
-            cfg = config.load(RECIPE, [f"data.train_shards={train}", *overrides])
+            cfg = load_config(RECIPE, [f"data.train_shards={train}", *overrides])
             simclr_reference.train(cfg, data / "images" / "train", run, seed, steps, every,
                                    lambda backbone: knn_top1(backbone, train, val))
         else:
@@ -105,27 +108,27 @@ def reference(data: Path, seed: int | None) -> float:
     train, val = shards(data)
     model = None
     if seed is not None:
-        cfg = config.load(RECIPE, [f"data.train_shards={train}"])
+        cfg = load_config(RECIPE, [f"data.train_shards={train}"])
         torch.manual_seed(seed)
         model = build_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs).eval()
     return knn_top1(model, train, val)
 
 
 def reference_bn(data: Path, seed: int, batches: int = BN_BATCHES) -> float:
-    """kNN top-1 of the backbone of ``reference(data, seed)`` after ``evaluate.reestimate_batchnorm`` on the first
+    """kNN top-1 of the backbone of ``reference(data, seed)`` after ``reestimate_batchnorm`` on the first
     ``batches`` batches of the train shards' center crops (``tools/knn_eval.py --random-init --bn-batches``)."""
     train, val = shards(data)
-    cfg = config.load(RECIPE, [f"data.train_shards={train}"])
+    cfg = load_config(RECIPE, [f"data.train_shards={train}"])
     torch.manual_seed(seed)
     model = build_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs)
     loader = build_eval_loader(str(train), image_size=SIZE, batch_size=BN_BATCH_SIZE, num_workers=1)
-    evaluate.reestimate_batchnorm(model, (images for images, *_ in islice(loader, batches)))
+    reestimate_batchnorm(model, (images for images, *_ in islice(loader, batches)))
     return knn_top1(model, train, val)
 
 
 def knn_top1(model: torch.nn.Module | None, train: Path, val: Path) -> float:
     """Weighted kNN top-1 of ``model``'s features (None: raw pixels) of the ``val`` shards against ``train``."""
-    return evaluate.knn_evaluate(*features(model, train), *features(model, val))["knn_top1"]
+    return knn_evaluate(*features(model, train), *features(model, val))["knn_top1"]
 
 
 def summary(values: Sequence[float]) -> str:

@@ -20,10 +20,10 @@ import time
 import torch
 
 from smog_scale.data.multicrop import normalize
-from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank
+from smog_scale.method.feature_cache import FeatureCache
+from smog_scale.method.grouping import GroupBank
+from smog_scale.method.objectives import byol_step, grouping_step
 from smog_scale.models.smog import SMoGModel
-from smog_scale.objectives import byol_step, grouping_step
 
 
 def build(args: argparse.Namespace) -> tuple[SMoGModel, torch.optim.Optimizer, GroupBank, FeatureCache]:

@@ -20,10 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smog_scale import config, optim, schedules
+from smog_scale.config.schema import Config
+from smog_scale.config.validation import crop_specs
 from smog_scale.data.multicrop import MultiCrop, normalize
+from smog_scale.method import schedules
 from smog_scale.models.backbone import build_backbone
 from smog_scale.models.heads import projector
+from smog_scale.training import optim
 
 TEMPERATURE = 0.5  # SimCLR's CIFAR-10 value
 
@@ -54,7 +57,7 @@ def draw_views(crops: MultiCrop, blobs: list[bytes], batch: int, rng: random.Ran
     return normalize(torch.stack([torch.stack(v[:2]) for v in views], dim=1))
 
 
-def train(cfg: config.Config, images: Path, run: Path, seed: int, steps: int, every: int,
+def train(cfg: Config, images: Path, run: Path, seed: int, steps: int, every: int,
           knn: Callable[[nn.Module], float]) -> None:
     """Train ``steps`` steps on the ``*.jpg`` under ``images``; append ``{"step", "event": "knn", "knn_top1"}``
     to ``run/metrics.jsonl`` every ``every`` steps (``knn`` scores the backbone, which it gets in eval mode)."""
@@ -68,7 +71,7 @@ def train(cfg: config.Config, images: Path, run: Path, seed: int, steps: int, ev
     peak = cfg.optim.base_lr * batch / 256
     warmup = round(steps * cfg.optim.warmup_epochs / cfg.optim.epochs)
     optimizer = optim.build_optimizer(net, cfg.optim, peak)
-    crops = MultiCrop(config.crop_specs(cfg))
+    crops = MultiCrop(crop_specs(cfg))
     run.mkdir(parents=True, exist_ok=True)
     with open(run / "metrics.jsonl", "w") as log:
         for step in range(steps):

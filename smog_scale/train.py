@@ -3,188 +3,69 @@
 The same command runs on a laptop CPU, one GPU, 8 GPUs or several nodes; the launcher decides.
 Exit codes: 0 done or pre-empted (checkpoint written), 1 stopped on non-finite steps or an error
 (an unreadable shard, a failed save, CUDA out of memory: one line naming it), 2 bad recipe or launch
-(before any work).
+(before any work). This module is the command line only; the loop is :mod:`smog_scale.training.loop`.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import itertools
-import signal
 import sys
-import time
-import traceback
-from pathlib import Path
-from typing import Any, cast
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
 
-from smog_scale import checkpoint, config, dist, memory, monitor, preflight, recipe_file, regrouping, run_dir
-from smog_scale.config import ConfigError
+from smog_scale.config.recipe_file import ConfigError, shipped_recipes
+from smog_scale.config.schema import Config, Derived
+from smog_scale.config.validation import load_config
 from smog_scale.data.shard_list import ShardError
-from smog_scale.data.shards import build_train_loader
-from smog_scale.engine import TrainState, train_step
-from smog_scale.feature_cache import FeatureCache
-from smog_scale.grouping import GroupBank
-from smog_scale.metrics import RunLog
-from smog_scale.models.smog import SMoGModel
-from smog_scale.optim import build_optimizer
-
-
-def make_accelerator(cfg: config.Config) -> Accelerator:
-    """Accelerator for this launch; precision from the launcher unless the recipe sets it."""
-    precision = {} if cfg.run.mixed_precision == "launcher" else {"mixed_precision": cfg.run.mixed_precision}
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum_steps,
-                              log_with=cfg.run.trackers or None, project_dir=cfg.run.output_dir, **precision)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.optim.name == "lars":
-        raise ConfigError("optim.name=lars cannot run under DeepSpeed ZeRO: its flattened partitions break "
-                          "LARS's per-parameter trust ratio; use DDP (no DeepSpeed) or optim.name=adamw")
-    return accelerator
-
-
-def build(cfg: config.Config, accelerator: Accelerator, derived: config.Derived | None = None) -> TrainState:
-    """Model, optimizer, groups and cache for this launch (``derived`` by default from the preflight's
-    checks), prepared by Accelerate."""
-    derived = derived or preflight.derive(cfg, accelerator.num_processes)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # else the config file's values win
-        accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=derived.batch_size_per_device,
-            gradient_accumulation_steps=cfg.optim.grad_accum_steps)
-    set_seed(cfg.run.seed)
-    mc = cfg.model
-    model: torch.nn.Module = SMoGModel(mc.backbone, mc.proj_hidden_dim, mc.proj_dim, mc.pred_hidden_dim,
-                                       mc.backbone_kwargs)
-    if mc.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # torch's SyncBN is CUDA-only
-    if mc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim, derived.scaled_lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.unwrap_model(model).settle_dtypes()  # DeepSpeed cast all parameters to bf16/fp16
-    if mc.compile:
-        model = cast(torch.nn.Module, torch.compile(model))  # an OptimizedModule wrapping the model
-    bank = GroupBank(cfg.grouping.num_groups, mc.proj_dim).to(accelerator.device)
-    dist.broadcast(bank.groups)
-    cache = FeatureCache(derived.cache_size_per_device, mc.proj_dim).to(accelerator.device)
-    return TrainState(cfg, derived, accelerator, model, optimizer, bank, cache)
-
-
-def shard_reading(cfg: config.Config) -> dict[str, Any]:
-    """The recipe's ``data.*`` settings for reading shards, as loader keyword arguments."""
-    keys = ("open_attempts", "retry_delay_s", "stall_timeout_s", "read_timeout_s", "max_consecutive_failures")
-    return {key: getattr(cfg.data, key) for key in keys}
-
-
-def knn_monitor(state: TrainState, log: RunLog) -> None:
-    """The kNN monitor (:func:`monitor.knn`) reading its shards with the recipe's settings."""
-    monitor.knn(state, log, shard_reading(state.cfg))
-
-
-def save(state: TrainState) -> Path:
-    return checkpoint.save(state.accelerator, state.cfg.run.output_dir, state.global_step, state.bank,
-                           state.cache, state.counters(), state.cfg.run.keep_last,
-                           recipe=config.resolved(state.cfg, state.derived))
-
-
-def train(state: TrainState, log: RunLog) -> int:
-    cfg, derived = state.cfg, state.derived
-    last_step = min(cfg.run.max_steps or derived.total_steps, derived.total_steps)
-    knn_every = cfg.monitor.knn_every_epochs * derived.steps_per_epoch
-    while state.global_step < last_step:
-        epoch, done = divmod(state.data_steps, derived.steps_per_epoch)  # skipped steps consumed data too
-        loader = build_train_loader(
-            cfg.data.train_shards, crops=config.crop_specs(cfg), batch_size=derived.batch_size_per_device,
-            num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=epoch, rank=dist.rank(),
-            world_size=dist.world_size(), num_samples=derived.num_samples,
-            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=done * cfg.optim.grad_accum_steps,
-            **shard_reading(cfg))
-        remaining = (derived.steps_per_epoch - done) * cfg.optim.grad_accum_steps
-        waited = time.perf_counter()
-        for batch in itertools.islice(loader, remaining):
-            log.data_wait(time.perf_counter() - waited)
-            end = train_step(state, batch)  # None before the last micro-batch of an optimizer step
-            if end is not None:
-                step = state.global_step
-                if end.committed and (step % cfg.run.log_every == 0 or step == last_step):
-                    log.step(state, end.metrics)
-                if end.committed:
-                    regrouping.after_step(state, log)
-                if end.committed and knn_every and (step % knn_every == 0 or step == last_step):
-                    knn_monitor(state, log)
-                if state.stop_requested:
-                    log.message(f"stop requested (SIGTERM/SIGUSR1): saved {save(state)}, exiting")
-                    return 0
-                if state.nonfinite_streak >= cfg.run.max_nonfinite_steps:
-                    log.message(f"{state.nonfinite_streak} skipped (non-finite) steps in a row at step {step}: "
-                                f"saved {save(state)}; lower the learning rate or check the data, then resume")
-                    return 1
-                if end.committed and (step % cfg.run.save_every == 0 or step >= last_step):
-                    save(state)
-                if step >= last_step:
-                    break
-            waited = time.perf_counter()
-    return 0
+from smog_scale.training.checkpoint import CheckpointSaveError
+from smog_scale.training.loop import build, make_accelerator, run_training
+from smog_scale.training.run_dir import RefusedElsewhere, open_run
+from smog_scale.training.step import TrainState
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, check the recipe and the launch (exit 2), then train (exit 0 or 1)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", nargs="?", help="recipes/<name>.yaml")
     parser.add_argument("overrides", nargs="*", default=[], help="dotted.key=value, e.g. optim.epochs=100")
     args = parser.parse_args(argv)
     try:
         if args.recipe is None:
-            raise ConfigError(f"no recipe given; recipes: {recipe_file.shipped_recipes()}")
-        cfg = config.load(args.recipe, args.overrides)
+            raise ConfigError(f"no recipe given; recipes: {shipped_recipes()}")
+        cfg = load_config(args.recipe, args.overrides)
         accelerator = make_accelerator(cfg)
-        run = run_dir.open_run(cfg, accelerator)  # the main process now holds the run folder's lock
+        run = open_run(cfg, accelerator)  # the main process now holds the run folder's lock
     except ConfigError as err:
-        if not isinstance(err, run_dir.RefusedElsewhere):
+        if not isinstance(err, RefusedElsewhere):
             print(f"smog_scale: error: {err}", file=sys.stderr)
         return 2
     try:
-        return run_training(build(cfg, accelerator, run.derived), run)
+        state = build(cfg, accelerator, run.derived)
+        try:
+            return run_training(state, run)
+        except (ShardError, CheckpointSaveError, torch.cuda.OutOfMemoryError) as err:
+            print(f"smog_scale: error: {failure_line(err, state)}", file=sys.stderr)
+            return 1
     finally:
         run.close()
 
 
-def run_training(state: TrainState, run: run_dir.Run) -> int:
-    """Resume if decided, then train until done, pre-empted or stopped; failures end with one line."""
-    log = RunLog(state)
-    for note in (*run.notes, regrouping.schedule(state.cfg, state.derived)):
-        log.message(note)
-    if run.resume_from is not None:
-        for key, value in checkpoint.load(state.accelerator, run.resume_from, state.bank, state.cache).items():
-            if hasattr(state, key):
-                setattr(state, key, value)
-        log.message(f"resumed from {run.resume_from} at step {state.global_step}")
+def failure_line(err: BaseException, state: TrainState) -> str:
+    """The one line a training error that names its culprit ends with (exit code 1)."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):  # the keys that lower the per-device batch
+        return oom_advice(state.cfg, state.derived, state.global_step)
+    # From a loader worker the message ends a copy of the worker's traceback, whose last line is the error.
+    return str(err).strip().splitlines()[-1]
 
-    def request_stop(signum: int, _frame: object) -> None:
-        state.stop_signal = True  # a separate flag: the step in flight overwrites stop_requested
 
-    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        return train(state, log)
-    except BaseException as err:
-        # Free the DataLoader iterator the traceback holds, so its workers shut down now: they ignore
-        # SIGTERM (pre-emption), and at exit multiprocessing would SIGTERM them and wait forever.
-        traceback.clear_frames(err.__traceback__)
-        gc.collect()
-        if isinstance(err, (ShardError, checkpoint.CheckpointError)):  # the message names the culprit;
-            # from a loader worker it ends a copy of the worker's traceback, whose last line is the error
-            print(f"smog_scale: error: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
-            return 1
-        if isinstance(err, torch.cuda.OutOfMemoryError):  # one line: the keys that lower the per-device batch
-            advice = memory.oom_advice(state.cfg, state.derived, state.global_step)
-            print(f"smog_scale: error: {advice}", file=sys.stderr)
-            return 1
-        raise
-    finally:
-        log.close()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+def oom_advice(cfg: Config, derived: Derived, step: int) -> str:
+    """The one line a CUDA out-of-memory error ends with: the per-device batch and the keys that lower it."""
+    accumulation = cfg.optim.grad_accum_steps
+    return (f"CUDA out of memory at step {step + 1} with {derived.batch_size_per_device} images per device "
+            f"(optim.global_batch_size={cfg.optim.global_batch_size} / ({derived.world_size} processes x "
+            f"optim.grad_accum_steps={accumulation})): launch more processes or set "
+            f"optim.grad_accum_steps={2 * accumulation} to halve the per-device batch; "
+            f"`python tools/memory.py RECIPE --processes N` estimates the memory")
 
 
 if __name__ == "__main__":

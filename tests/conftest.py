@@ -1,5 +1,6 @@
+"""Session settings and the fixtures many test modules use (helpers they share are in ``tests/helpers.py``)."""
+
 import os
-import sys
 from pathlib import Path
 
 # One thread in every process the suite compares: this test process, the gloo ranks it spawns and every
@@ -8,9 +9,15 @@ from pathlib import Path
 # suits pytest-xdist (a process per core): on a busy 2-core machine extra threads' spin-waits cost up to 100x.
 os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402  (after the thread settings: OpenMP reads them when torch loads)
 
-# Lets tests import the helpers beside them (tests/gloo.py) under pytest-xdist too.
-sys.path.insert(0, str(Path(__file__).parent))
+from tests.helpers import demo_shards  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """The demo images converted into shards (8 train images per class), once per test module."""
+    return demo_shards(tmp_path_factory.mktemp("demo"))

@@ -3,66 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from smog_scale.data.demo import write_demo
-from smog_scale.data.make_shards import ConvertOptions, convert
-from smog_scale.export import export_timm
-
-ROOT = Path(__file__).parent.parent
-TRAIN = ROOT / "smog_scale" / "train.py"
-# demo_cpu.yaml shrunk to seconds: a tiny timm ResNet at 32 px, 8 images per rank per step.
-TINY = [
-    "model.backbone=test_resnet", "model.proj_hidden_dim=64", "model.proj_dim=16", "model.pred_hidden_dim=64",
-    "data.crops=[{size: 32, count: 2, scale: [0.3, 1.0]}, {size: 16, count: 2, scale: [0.1, 0.3], blur_p: 0.5}]",
-    "data.num_workers=1", "data.shuffle_buffer=20", "optim.global_batch_size=16", "optim.epochs=4",
-    "grouping.num_groups=8", "grouping.cache_size=64", "grouping.regroup_every=3", "run.log_every=1",
-    "run.trackers=[]", "run.save_every=1000", "monitor.knn_every_epochs=0",
-]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    write_demo(root / "images", train_per_class=8, val_per_class=1)
-    convert(root / "images" / "train", root / "shards", ConvertOptions(samples_per_shard=10), progress=False)
-    return root / "shards"
-
-
-def launch(run: Path, shards: Path, *overrides: str, processes: int = 1, wait: bool = True):
-    """``accelerate launch`` the trainer on CPU; returns the CompletedProcess (or the Popen)."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONUNBUFFERED="1")
-    multi = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"] if processes > 1 \
-        else ["--num_processes", "1"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_cpu_threads_per_process", "1",
-           str(TRAIN), str(ROOT / "recipes" / "demo_cpu.yaml"), f"run.output_dir={run}",
-           f"data.train_shards={shards}", *TINY, *overrides]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
-def records(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def final_state(run: Path) -> dict[str, torch.Tensor]:
-    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
-    return {**load_file(str(ckpt / "model.safetensors")), **load_file(str(ckpt / "smog.safetensors"))}
+from smog_scale.export.timm_export import export_timm
+from tests.helpers import (
+    ROOT,
+    TINY,
+    TRAIN,
+    final_state,
+    float_dtypes,
+    launch,
+    launch_deepspeed,
+    records,
+)
 
 
 @pytest.mark.slow
@@ -142,25 +103,6 @@ def test_bad_recipe_exits_2_naming_the_key(tmp_path, shards, override, message):
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "checkpoints").exists()
-
-
-def launch_deepspeed(run: Path, shards: Path, precision: str, *overrides: str, script: Path = TRAIN):
-    """``accelerate launch`` of ``script`` (the trainer, or a wrapper calling ``train.main``) under DeepSpeed
-    ZeRO-2 on DeepSpeed's CPU accelerator, one process, AdamW; returns the CompletedProcess. Like the shipped
-    DeepSpeed configs, the launch says gradient_accumulation_steps 1 (the recipe's value must win)."""
-    pytest.importorskip("deepspeed")
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    env.update(DS_ACCELERATOR="cpu")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
-           "--gradient_accumulation_steps", "1", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", precision, "--dynamo_backend", "no",
-           str(script), str(ROOT / "recipes" / "demo_cpu.yaml"), f"data.train_shards={shards}", *TINY,
-           "optim.base_lr=0.001", "optim.weight_decay=0.05", f"run.output_dir={run}", "optim.name=adamw", *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def float_dtypes(state: dict[str, torch.Tensor], prefix: str) -> set[torch.dtype]:
-    return {v.dtype for k, v in state.items() if k.startswith(prefix) and v.is_floating_point()}
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 echo "== 1/5 demo images (scikit-learn digits + scikit-image photos, no download) -> $OUT/images"
-[ -d "$OUT/images/train" ] || python -m smog_scale.data.demo "$OUT/images"
+[ -d "$OUT/images/train" ] || python -m smog_scale.data.synthetic.demo "$OUT/images"
 
 echo "== 2/5 ImageFolder -> WebDataset shards"
 smog-make-shards "$OUT/images/train" "$OUT/shards/train" --prefix train --samples-per-shard 40

@@ -41,8 +41,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from smog_scale.convert import FORMATS, FormatError
-from smog_scale.export import CHECK_TOLERANCE, CheckpointError, export_timm
+from smog_scale.export.loading import CheckpointLoadError
+from smog_scale.export.resnet_formats import FORMATS, FormatError
+from smog_scale.export.timm_export import CHECK_TOLERANCE, export_timm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = export_timm(args.source, args.out_dir, args.which, args.check_size, args.check_batch,
                              formats=list(dict.fromkeys(args.formats)))
-    except (CheckpointError, FormatError) as err:
+    except (CheckpointLoadError, FormatError) as err:
         print(f"export_timm: error: {err}", file=sys.stderr)
         return 2
     dropped = ", ".join(f"{prefix}.* ({count} tensors)" for prefix, count in result.dropped.items())

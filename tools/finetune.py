@@ -41,8 +41,7 @@ from accelerate import Accelerator
 
 from smog_scale import dist
 from smog_scale.data.shards import ShardOpenError, check_shards, read_manifest
-from smog_scale.export import CheckpointError, load_eval_backbone
-from smog_scale.finetune import (
+from smog_scale.eval.finetune import (
     Classifier,
     MainProcessFailed,
     Settings,
@@ -51,6 +50,7 @@ from smog_scale.finetune import (
     prepare_subset,
     subset_loader,
 )
+from smog_scale.export.loading import CheckpointLoadError, load_eval_backbone
 
 
 def _fraction(text: str) -> float:
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         history = finetune(model, loader, accelerator, settings, work_dir)
     except MainProcessFailed:
         return 2
-    except (CheckpointError, ShardOpenError, FileNotFoundError, ValueError) as err:
+    except (CheckpointLoadError, ShardOpenError, FileNotFoundError, ValueError) as err:
         print(f"finetune: error: {err}", file=sys.stderr)
         return 2
     result = evaluate(model, args.val_shards, accelerator, image_size=size, batch_size=args.eval_batch_size,

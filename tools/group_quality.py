@@ -24,9 +24,9 @@ from accelerate import Accelerator
 
 from smog_scale import dist
 from smog_scale.data.shards import ShardOpenError, build_eval_loader, read_manifest
-from smog_scale.evaluate import group_assignments, group_quality
-from smog_scale.export import CheckpointError, input_side, load_groups, load_model, resolve_checkpoint
-from smog_scale.plots import plot_group_quality
+from smog_scale.eval.group_quality import group_assignments, group_quality
+from smog_scale.eval.plots import plot_group_quality
+from smog_scale.export.loading import CheckpointLoadError, input_side, load_groups, load_model, resolve_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loader = build_eval_loader(args.shards, image_size=size, batch_size=args.batch_size,
                                    num_workers=args.workers, rank=dist.rank(), world_size=dist.world_size())
         assignments, labels = group_assignments(encoder, groups, loader, accelerator)
-    except (CheckpointError, ShardOpenError, FileNotFoundError) as err:
+    except (CheckpointLoadError, ShardOpenError, FileNotFoundError) as err:
         print(f"group_quality: error: {err}", file=sys.stderr)
         return 2
     try:

@@ -27,8 +27,10 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from smog_scale.data.shards import ShardError, build_eval_loader, check_shards
-from smog_scale.evaluate import KNN_K, KNN_TEMPERATURE, knn_evaluate, reestimate_batchnorm, shard_features
-from smog_scale.export import CheckpointError, load_eval_backbone
+from smog_scale.eval.batchnorm import reestimate_batchnorm
+from smog_scale.eval.features import shard_features
+from smog_scale.eval.knn import KNN_K, KNN_TEMPERATURE, knn_evaluate
+from smog_scale.export.loading import CheckpointLoadError, load_eval_backbone
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             islice(loader, args.bn_batches)))
         train = shard_features(backbone, args.train_shards, accelerator, desc="train features", **options)
         val = shard_features(backbone, args.val_shards, accelerator, desc="val features", **options)
-    except (CheckpointError, ShardError, OSError, ValueError) as err:
+    except (CheckpointLoadError, ShardError, OSError, ValueError) as err:
         print(f"knn_eval: error: {err}", file=sys.stderr)
         return 2
     result = knn_evaluate(*train, *val, k=args.k, temperature=args.temperature)

@@ -28,17 +28,17 @@ from accelerate import Accelerator
 
 from smog_scale import dist
 from smog_scale.data.shards import ShardError, build_train_loader, check_shards, read_manifest
-from smog_scale.evaluate import (
+from smog_scale.eval.features import shard_features
+from smog_scale.eval.linear_probe import (
     Batches,
     LinearProbe,
     backbone_batches,
     probe_accuracy,
     probe_train_crop,
-    shard_features,
     shuffled_batches,
     train_linear_probe,
 )
-from smog_scale.export import CheckpointError, EvalBackbone, load_eval_backbone
+from smog_scale.export.loading import CheckpointLoadError, EvalBackbone, load_eval_backbone
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_linear_probe(probe, accelerator, epoch_batches, epochs=args.epochs, steps_per_epoch=steps,
                            lrs=[lr * args.batch_size / 256 for lr in args.lr], momentum=args.momentum,
                            weight_decay=args.weight_decay)
-    except (CheckpointError, ShardError, OSError, ValueError) as err:
+    except (CheckpointLoadError, ShardError, OSError, ValueError) as err:
         print(f"linear_eval: error: {err}", file=sys.stderr)
         return 2
     results = probe_accuracy(probe, val_feats, val_labels)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from smog_scale.plots import plot_training_curves
+from smog_scale.eval.plots import plot_training_curves
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """The grouping's memory and traffic at scale, on paper: ``python tools/scaling_table.py [--recipe R] [--worlds W]``.
 
 Prints Markdown tables of what the feature cache, the periodic k-means (``gather`` vs ``sharded``,
-as ``smog_scale.kmeans`` implements them) and the per-step group update cost per rank, as functions
+as ``smog_scale.method.kmeans`` implements them) and the per-step group update cost per rank, as functions
 of the world size W, the cache union U (``grouping.cache_size``: each rank keeps C = U // W rows), K
 groups and D dimensions, then the world size past which ``sharded`` moves less data and whether
 ``gather``'s union fits the memory budget (the same at any W: the union does not grow with it).
@@ -39,7 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from smog_scale import config
+from smog_scale.config.derived import derive
+from smog_scale.config.recipe_file import ConfigError
+from smog_scale.config.schema import Config
+from smog_scale.config.validation import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,7 +148,7 @@ def human_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def trainable_params(cfg: config.Config) -> int | None:
+def trainable_params(cfg: Config) -> int | None:
     """Parameters whose gradients DDP all-reduces every step (a reference scale), built on the meta device."""
     import torch
 
@@ -160,8 +163,8 @@ def trainable_params(cfg: config.Config) -> int | None:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def setup_from(cfg: config.Config) -> Setup:
-    from smog_scale import kmeans
+def setup_from(cfg: Config) -> Setup:
+    from smog_scale.method import kmeans
 
     g = cfg.grouping
     return Setup(num_groups=g.num_groups, dim=cfg.model.proj_dim, cache_union=g.cache_size, kmeans_iters=g.kmeans_iters,
@@ -228,7 +231,7 @@ def recipe_path(name: str) -> Path:
     if named.is_file():
         return named
     known = ", ".join(sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")))
-    raise config.ConfigError(f"no recipe {name!r}: give a recipe file or one of {known}")
+    raise ConfigError(f"no recipe {name!r}: give a recipe file or one of {known}")
 
 
 def positive_int(text: str) -> int:
@@ -238,12 +241,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def launch_error(cfg: config.Config, world: int) -> str | None:
+def launch_error(cfg: Config, world: int) -> str | None:
     """Why the trainer refuses this recipe on ``world`` GPUs (a batch that does not split, K above the
     caches), or None."""
     try:
-        config.derive(cfg, world, num_samples=cfg.optim.global_batch_size * max(1, cfg.data.num_workers))
-    except config.ConfigError as err:
+        derive(cfg, world, num_samples=cfg.optim.global_batch_size * max(1, cfg.data.num_workers))
+    except ConfigError as err:
         return str(err)
     return None
 
@@ -260,8 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip the DDP gradient reference column")
     args = parser.parse_args(argv)
     try:
-        cfg = config.load(recipe_path(args.recipe), [])
-    except config.ConfigError as err:
+        cfg = load_config(recipe_path(args.recipe), [])
+    except ConfigError as err:
         print(f"scaling_table: error: {err}", file=sys.stderr)
         return 2
     refused = {world: launch_error(cfg, world) for world in args.worlds or DEFAULT_WORLDS}

@@ -17,7 +17,7 @@ Speed, with the distributions unchanged from the torchvision recipe:
   exact Gaussian variance; its ``radius`` argument IS the standard deviation). torchvision's
   ``GaussianBlur(23, sigma)`` samples the same sigma but convolves a 23-tap float kernel, which is
   ~10x slower; with sigma <= 2 the 23-tap truncation is at >= 5.5 sigma, so both blur alike
-  (``tests/test_multicrop.py`` checks the variance and the pixel difference).
+  (``tests/data/test_multicrop.py`` checks the variance and the pixel difference).
 """
 
 from __future__ import annotations

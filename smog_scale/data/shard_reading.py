@@ -1,6 +1,8 @@
-"""Reading shards inside the loader workers: opening with bounded retries, a board that shows which
-shard each worker is reading (so a stalled read can be named from the main process), and a guard
-that counts skipped samples and stops a stream in which nothing decodes.
+"""Reading shards inside the loader workers: bounded retries, a board of what each reads, a failure guard.
+
+Opening with bounded retries, a board that shows which shard each worker is reading (so a stalled read
+can be named from the main process), and a guard that counts skipped samples and stops a stream in which
+nothing decodes.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ is a number of samples (``manifest.json`` beside the shards, or ``num_samples``)
 yields exactly ``len(loader) / num_workers`` batches through ``with_epoch``.
 
 Every random stream is seeded from (seed, epoch, rank, worker), so a pass is a pure function of
-those and ``num_workers``; the loader rebuilds its pipeline on every ``iter``.
+those and ``num_workers`` (``seeded_streams``); the loader rebuilds its pipeline on every ``iter``.
 
 Neither loader can spin or hang: ``max_consecutive_failures`` samples or shards in a row that fail
 raise ``SampleFailures``; with worker processes, no batch within ``read_timeout_s`` raises
@@ -45,6 +45,17 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from smog_scale.data.multicrop import CropSpec, MultiCrop, center_view, collate_views
+from smog_scale.data.seeded_streams import (
+    SALT_AUGMENT,
+    SALT_SHARDS,
+    SALT_SHUFFLE,
+    Seeded,
+    SkipDone,
+    Streams,
+    seed_samples,
+    shuffle_with,
+    split_by_worker,
+)
 from smog_scale.data.shard_list import (
     MANIFEST_NAME,
     ShardCheckError,
@@ -71,9 +82,6 @@ __all__ = [
     "shard_urls",
 ]
 
-# Salts that give each random stream of a worker its own seed.
-_SALT_SHARDS, _SALT_SHUFFLE, _SALT_AUGMENT = 1, 2, 3
-
 
 @dataclass(frozen=True)
 class _Reading:
@@ -91,86 +99,6 @@ def _split_by_rank(src: Iterator[dict], rank: int, world_size: int) -> Iterator[
     for index, item in enumerate(src):
         if index % world_size == rank:
             yield item
-
-
-def _worker_id() -> int:
-    info = torch.utils.data.get_worker_info()
-    return info.id if info is not None else 0
-
-
-@dataclass(frozen=True)
-class _Streams:
-    """The random streams of one rank's epoch, one set per worker.
-
-    A pass resumed at batch ``start_batch`` replays the straight pass exactly: the DataLoader takes
-    batches from its workers round-robin, so DataLoader worker i plays worker (i + start_batch) %
-    workers, and each worker drops, before decoding, the samples of the batches it already gave.
-    """
-
-    seed: int
-    epoch: int
-    rank: int
-    workers: int
-    start_batch: int = 0
-
-    def worker(self) -> int:
-        return (_worker_id() + self.start_batch) % self.workers
-
-    def seed_for(self, salt: int, passes: int = 0) -> int:
-        """Seed of one stream of this worker; SeedSequence keeps distinct tuples apart."""
-        entropy = [self.seed, self.epoch, self.rank, self.worker(), salt, passes]
-        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
-
-    def batches_done(self) -> int:
-        """Batches this worker gave before ``start_batch`` in the straight pass."""
-        return len(range(self.worker(), self.start_batch, self.workers))
-
-
-class _Seeded(wds.PipelineStage):
-    """Runs ``build(rng)`` on the stream with an RNG seeded per (seed, epoch, rank, worker, pass)."""
-
-    def __init__(self, build: Callable[[random.Random], Callable], streams: _Streams, salt: int):
-        self.build, self.streams, self.salt = build, streams, salt
-        self.passes = 0
-
-    def run(self, src: Iterator[Any]) -> Iterator[Any]:
-        rng = random.Random(self.streams.seed_for(self.salt, self.passes))
-        self.passes += 1
-        return self.build(rng)(src)
-
-
-def _split_by_worker(src: Iterator[dict], streams: _Streams) -> Iterator[dict]:
-    """``wds.split_by_worker`` over the rotated worker ids of ``streams``."""
-    for index, item in enumerate(src):
-        if index % streams.workers == streams.worker():
-            yield item
-
-
-def _seed_samples(rng: random.Random) -> Callable:
-    """Give every sample its own augmentation seed, so dropping samples never shifts the others'."""
-    return wds.map(lambda sample: dict(sample, aug_seed=rng.getrandbits(64)))
-
-
-class _SkipDone(wds.PipelineStage):
-    """Drop, undecoded, the samples of the batches this worker gave before ``start_batch``; the
-    count carries over the passes that ``with_epoch`` makes when a worker's shards run short."""
-
-    def __init__(self, streams: _Streams, batch_size: int) -> None:
-        self.streams, self.batch_size = streams, batch_size
-        self.remaining: int | None = None
-
-    def run(self, src: Iterator[dict]) -> Iterator[dict]:
-        if self.remaining is None:
-            self.remaining = self.streams.batches_done() * self.batch_size
-        for sample in src:
-            if self.remaining > 0:
-                self.remaining -= 1
-                continue
-            yield sample
-
-
-def _shuffle_with(bufsize: int, rng: random.Random) -> Callable:
-    return wds.shuffle(bufsize, rng=rng)
 
 
 def _augment_sample(sample: dict, transform: MultiCrop) -> dict:
@@ -274,23 +202,23 @@ def _train_pipeline(epoch: int, board: ReadBoard, *, urls: list[str], transform:
                     shuffle_buffer: int, resampled: bool, reading: _Reading) -> wds.DataPipeline:
     """The training DataPipeline for one epoch (see the module docstring for the stages)."""
     guard = FailureGuard(reading.max_consecutive_failures)
-    streams = _Streams(seed, epoch, rank, workers, start_batch)
+    streams = Streams(seed, epoch, rank, workers, start_batch)
     if resampled:
-        worker_seed = functools.partial(streams.seed_for, _SALT_SHARDS)
+        worker_seed = functools.partial(streams.seed_for, SALT_SHARDS)
         shards: list[Any] = [wds.ResampledShards(urls, worker_seed=worker_seed, deterministic=True)]
     else:
         order_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
         shards = [
             wds.SimpleShardList(urls, seed=order_seed),  # the same order on every rank and worker
             wds.pipelinefilter(_split_by_rank)(rank, world_size),
-            wds.pipelinefilter(_split_by_worker)(streams),
+            wds.pipelinefilter(split_by_worker)(streams),
         ]
     pipeline = wds.DataPipeline(
         *shards,
         *_read_samples(guard, reading, board),
-        _Seeded(functools.partial(_shuffle_with, shuffle_buffer), streams, _SALT_SHUFFLE),
-        _Seeded(_seed_samples, streams, _SALT_AUGMENT),
-        _SkipDone(streams, batch_size),
+        Seeded(functools.partial(shuffle_with, shuffle_buffer), streams, SALT_SHUFFLE),
+        Seeded(seed_samples, streams, SALT_AUGMENT),
+        SkipDone(streams, batch_size),
         wds.pipelinefilter(guard.decode)(functools.partial(_augment_sample, transform=transform)),
         wds.batched(batch_size, collation_fn=functools.partial(_collate_counting, guard=guard), partial=False),
     )

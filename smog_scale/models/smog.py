@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import nn
 
-from smog_scale import momentum
+from smog_scale.models import ema
 from smog_scale.models.backbone import build_backbone
 from smog_scale.models.heads import predictor, projector
 
@@ -112,11 +112,11 @@ class SMoGModel(nn.Module):
 
     def update_momentum(self, m: float) -> None:
         """EMA step of the momentum encoder (after the optimizer step)."""
-        momentum.ema_update(self.online, self.momentum, m)
+        ema.update(self.online, self.momentum, m)
 
     def reset_momentum(self) -> None:
         """Copy the online encoder into the momentum encoder (after each re-grouping)."""
-        momentum.reset(self.online, self.momentum)
+        ema.reset(self.online, self.momentum)
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
