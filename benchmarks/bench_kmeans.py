@@ -89,21 +89,24 @@ def make_data(kind: str, rows: int, dim: int, k: int, seed: int, cache_dir: Path
         return _cached_features(cache_dir / "small_32px", rows, dim, rng)
     if kind == "uniform":
         return _normalized(rng.standard_normal((rows, dim))).astype(np.float32)
-    if kind == "balanced":
-        modes, weights, spreads, scattered = k, np.ones(k), np.full(k, 0.5), 0.0
-    elif kind == "clustered":
+    if kind in ("balanced", "clustered"):
         modes, scattered = k, 0.0
-        weights = np.exp(0.5 * rng.standard_normal(k))  # lognormal blob sizes
-        spreads = 0.56 * np.exp(0.25 * rng.standard_normal(k))  # lognormal blob widths
     else:
         _, mode_key, noise_key = kind.split("-")
         modes, scattered = round(MODES[mode_key] * k), NOISE[noise_key]
+    directions = _normalized(rng.standard_normal((modes, dim)))  # drawn first: ``clustered`` is issue 12's data
+    if kind == "balanced":
+        weights, spreads = np.ones(modes), np.full(modes, 0.5)
+    elif kind == "clustered":
+        weights = np.exp(0.5 * rng.standard_normal(modes))  # lognormal blob sizes
+        spreads = 0.56 * np.exp(0.25 * rng.standard_normal(modes))  # lognormal blob widths
+    else:
         weights, spreads = rng.dirichlet(np.ones(modes)), np.full(modes, 0.3)
-    directions = _normalized(rng.standard_normal((modes, dim)))
     blob = rng.choice(modes, size=rows, p=weights / weights.sum())
     x = directions[blob] + spreads[blob, None] * rng.standard_normal((rows, dim)) / np.sqrt(dim)
-    noise = rng.random(rows) < scattered  # rows that belong to no mode
-    x[noise] = rng.standard_normal((int(noise.sum()), dim))
+    if scattered:
+        noise = rng.random(rows) < scattered  # rows that belong to no mode
+        x[noise] = rng.standard_normal((int(noise.sum()), dim))
     return _normalized(x).astype(np.float32)
 
 
