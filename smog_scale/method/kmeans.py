@@ -101,11 +101,11 @@ def fit(
             ``4 * k`` are drawn, half uniformly and half far from the first half. Seeding time grows with
             it; on the CPU seeding holds a cells-by-cells matrix up to 1 GiB (16,384 cells). On the
             benchmark's ``modes-k-noise1`` data (3,000 modes of Dirichlet(1) weights and 1% scattered rows,
-            K = 3,000) 16,384 rows ended at a mean cosine distance of 0.0451 and 12,000 rows at 0.0453; the
-            cells of a uniform sample of 16,384 rows at 0.0465, and the sampled rows themselves, weighted by
-            their cells' sizes (before issue 21), at 0.0520.
+            K = 3,000) 16,384 rows ended at a mean cosine distance of 0.0452 and 12,000 rows at 0.0453; the
+            cells of a uniform sample of 16,384 rows at 0.0473, and the sampled rows themselves, weighted by
+            their cells' sizes (before issue 21), at 0.0516.
         init_trials: candidates tried per greedy seeding step; seeding time grows with it. On the
-            ``modes-k-noise1`` data 12 ended at 0.0452, 24 at 0.0451.
+            ``modes-k-noise1`` data 12 ended at 0.0453, 24 at 0.0452.
         seed: seeds the sample and the seeding; on CPU the same seed and inputs give the same centroids.
 
     Raises:
