@@ -1,23 +1,33 @@
-"""Benchmark ``smog_scale.method.kmeans.fit`` against scikit-learn's KMeans and faiss's own k-means.
+"""Benchmark ``smog_scale.method.kmeans.fit`` against scikit-learn's and faiss's k-means on a family of shapes.
 
 The baseline is scikit-learn's KMeans with k-means++ initialization (what a naive port uses); faiss.Kmeans
 with its default random initialization and 20 iterations shows why initialization matters. Every method
 runs in its own subprocess (beside faiss, scikit-learn's k-means runs 2x slower) on data that the
-subprocess generates from a seed:
+subprocess generates from a seed or reads from a file:
 
 - ``uniform``: unit vectors drawn uniformly on the sphere;
-- ``clustered``: a mixture of ``k`` von-Mises-Fisher-like blobs (a random direction plus Gaussian noise,
-  normalized) with uneven blob weights and spreads, tuned so scikit-learn ends near a mean cosine
-  distance of 0.13 at the default size;
-- ``dirichlet``: ``2 * k`` such blobs of one spread (0.3) with Dirichlet(1) weights (uniform on the simplex:
-  a few big modes, many small ones), so k-means must choose which modes get a centroid of their own.
-  A seeding sample of a few rows per centroid misjudges the small modes' sizes.
+- ``balanced``: ``k`` von-Mises-Fisher-like blobs (a random direction plus Gaussian noise of spread 0.5,
+  normalized) of equal weight;
+- ``clustered`` (issue 12's shape): ``k`` such blobs with lognormal weights and spreads (around 0.56);
+- ``modes-{half,k,4k}-noise{1,10}``: unbalanced clusters, the hard case of issue 21: ``k / 2``, ``k`` or
+  ``4 k`` blobs of spread 0.3 with Dirichlet(1) weights (uniform on the simplex: a few big modes, many small
+  ones), plus 1% or 10% of the rows scattered uniformly on the sphere (noise that belongs to no mode), so
+  k-means must choose which modes and which scattered rows get a centroid of their own;
+- ``cache``: the real thing, the feature cache of a trained run: ``recipes/small_32px.yaml`` (750 steps on
+  the small set, ``python -m smog_scale.data.synthetic.digits32``) with ``grouping.cache_size=65536``, read
+  from the per-rank cache file of its last checkpoint (65,536 x 128 momentum features of its last 256
+  steps). The run is trained on first use under ``--cache-dir`` (about 15 minutes on 2 idle cores: 1.1 s a
+  step) and reused after; fewer ``--rows`` take a seeded subset.
 
 Quality is the mean cosine distance of every row to its nearest normalized centroid, the same
 measure for all methods, computed outside the timed region.
 
-    python benchmarks/bench_kmeans.py            # 65,536 x 128 into 3,000 clusters (minutes)
+    python benchmarks/bench_kmeans.py            # 65,536 x 128 into 3,000 clusters (half an hour)
     python benchmarks/bench_kmeans.py --quick    # 16,384 x 128 into 500 clusters, one repeat
+
+Per shape it prints each method's seconds (median), Lloyd iterations and mean cosine distance, then ours
+against both: the distance ratio to scikit-learn and to faiss and the speed-up over scikit-learn, and a
+summary line with the worst ratio to scikit-learn and the smallest speed-up over all shapes.
 
 The subprocesses inherit the environment (``--blas inherited``, the default), and the header prints the
 variables that matter here:
@@ -38,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -45,43 +56,95 @@ import sys
 import time
 from collections.abc import Callable
 from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parent.parent
 METHODS = {
     "sklearn": "scikit-learn k-means++",
     "faiss": "faiss random init, 20 it",
     "smog_scale": "smog_scale k-means",  # smog_scale.method.kmeans.fit
 }
-KINDS = ("uniform", "clustered", "dirichlet")
+# Unbalanced shapes: modes per centroid, and the share of rows scattered on the sphere.
+MODES = {"half": 0.5, "k": 1, "4k": 4}
+NOISE = {"noise1": 0.01, "noise10": 0.1}
+KINDS = ("uniform", "balanced", "clustered", *(f"modes-{m}-{n}" for m in MODES for n in NOISE), "cache")
+# The run whose feature cache is the ``cache`` shape: the small-data recipe, with a cache of 65,536 rows.
+CACHE_RECIPE, CACHE_ROWS = ROOT / "recipes" / "small_32px.yaml", 65536
 # Environment variables that change these timings on a small shared machine (see the module docstring).
 TUNING_VARIABLES = ("OMP_WAIT_POLICY", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 # Removed together by ``--blas unset``: the pair that pins OpenBLAS's kernels.
 OPENBLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
-def make_data(kind: str, rows: int, dim: int, k: int, seed: int) -> np.ndarray:
+def make_data(kind: str, rows: int, dim: int, k: int, seed: int, cache_dir: Path) -> np.ndarray:
     """rows x dim float32 unit vectors of the given kind (see the module docstring).
 
     numpy, not torch: the scikit-learn subprocess imports neither torch nor faiss, whose OpenMP
     runtimes slow it down.
     """
     rng = np.random.default_rng(seed)
+    if kind == "cache":
+        return _cached_features(cache_dir / "small_32px", rows, dim, rng)
     if kind == "uniform":
-        x = rng.standard_normal((rows, dim))
-    elif kind == "dirichlet":
-        modes = 2 * k
-        directions = _normalized(rng.standard_normal((modes, dim)))
-        mode = rng.choice(modes, size=rows, p=rng.dirichlet(np.ones(modes)))
-        x = directions[mode] + 0.3 * rng.standard_normal((rows, dim)) / np.sqrt(dim)
+        return _normalized(rng.standard_normal((rows, dim))).astype(np.float32)
+    if kind in ("balanced", "clustered"):
+        modes, scattered = k, 0.0
     else:
-        directions = _normalized(rng.standard_normal((k, dim)))
-        weights = np.exp(0.5 * rng.standard_normal(k))  # lognormal blob sizes
-        spreads = 0.56 * np.exp(0.25 * rng.standard_normal(k))  # lognormal blob widths
-        blob = rng.choice(k, size=rows, p=weights / weights.sum())
-        noise = rng.standard_normal((rows, dim)) / np.sqrt(dim)
-        x = directions[blob] + spreads[blob, None] * noise
+        _, mode_key, noise_key = kind.split("-")
+        modes, scattered = round(MODES[mode_key] * k), NOISE[noise_key]
+    directions = _normalized(rng.standard_normal((modes, dim)))  # drawn first: ``clustered`` is issue 12's data
+    if kind == "balanced":
+        weights, spreads = np.ones(modes), np.full(modes, 0.5)
+    elif kind == "clustered":
+        weights = np.exp(0.5 * rng.standard_normal(modes))  # lognormal blob sizes
+        spreads = 0.56 * np.exp(0.25 * rng.standard_normal(modes))  # lognormal blob widths
+    else:
+        weights, spreads = rng.dirichlet(np.ones(modes)), np.full(modes, 0.3)
+    blob = rng.choice(modes, size=rows, p=weights / weights.sum())
+    x = directions[blob] + spreads[blob, None] * rng.standard_normal((rows, dim)) / np.sqrt(dim)
+    if scattered:
+        noise = rng.random(rows) < scattered  # rows that belong to no mode
+        x[noise] = rng.standard_normal((int(noise.sum()), dim))
     return _normalized(x).astype(np.float32)
+
+
+def _cached_features(cache_run: Path, rows: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """``rows`` of the feature cache in ``cache_run``'s last checkpoint (all of them, or a ``rng`` subset)."""
+    from safetensors.numpy import load_file
+
+    path = sorted(cache_run.glob("checkpoints/step_*/cache_rank0.safetensors"))[-1]
+    state = load_file(str(path))
+    feats = state["feats"][: int(state["filled"])]  # the filled rows (all, once the run has filled the cache)
+    if feats.shape[1] != dim or rows > len(feats):
+        raise SystemExit(f"{path} holds {len(feats)} x {feats.shape[1]} features; asked for {rows} x {dim}")
+    if rows < len(feats):
+        feats = feats[np.sort(rng.choice(len(feats), size=rows, replace=False))]
+    return _normalized(feats).astype(np.float32)
+
+
+def train_cache_run(cache_dir: Path) -> None:
+    """Train the ``cache`` shape's run into ``cache_dir/small_32px`` unless done (data: ``cache_dir/small``).
+
+    One process with ``OMP_NUM_THREADS=2`` unless the caller sets it; ``cache_dir/train.log`` holds its output.
+    """
+    run = cache_dir / "small_32px"
+    if (run / "done").is_file():
+        return
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_learning import shards  # imports torch: only the parent process builds the run
+
+    train, _ = shards(cache_dir / "small")
+    settings = [f"run.output_dir={run}", f"data.train_shards={train}", "monitor.knn_every_epochs=0",
+                f"grouping.cache_size={CACHE_ROWS}", "run.overwrite=true"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.setdefault("OMP_NUM_THREADS", "2")
+    print(f"training the run whose feature cache is the 'cache' shape: {run} ({cache_dir / 'train.log'})", flush=True)
+    with open(cache_dir / "train.log", "w") as log:
+        subprocess.run([sys.executable, str(ROOT / "smog_scale" / "train.py"), str(CACHE_RECIPE), *settings],
+                       check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    (run / "done").touch()
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:
@@ -142,7 +205,7 @@ def openblas_kernels() -> str:
 
 def worker(args: argparse.Namespace) -> None:
     """Subprocess: generate the data, time ``args.repeats`` runs, print one JSON line."""
-    x = make_data(args.kind, args.rows, args.dim, args.k, seed=args.seed)
+    x = make_data(args.kind, args.rows, args.dim, args.k, args.seed, args.cache_dir)
     run = load_method(args.worker)
     seconds = []
     for _ in range(args.repeats):
@@ -157,7 +220,8 @@ def worker(args: argparse.Namespace) -> None:
 def measure(args: argparse.Namespace, kind: str, method: str, repeats: int, environment: dict[str, str]) -> dict:
     """Run one (kind, method) in a fresh subprocess with ``environment`` and return its JSON report."""
     command = [sys.executable, __file__, "--worker", method, "--kind", kind, "--repeats", str(repeats)]
-    for flag, value in (("--rows", args.rows), ("--dim", args.dim), ("--k", args.k), ("--seed", args.seed)):
+    for flag, value in (("--rows", args.rows), ("--dim", args.dim), ("--k", args.k), ("--seed", args.seed),
+                        ("--cache-dir", args.cache_dir)):
         command += [flag, str(value)]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -171,13 +235,13 @@ def blas_environment(setting: str) -> dict[str, str]:
 
 
 def report(args: argparse.Namespace, setting: str) -> None:
-    """Measure every (kind, method) under one BLAS setting, print the table and the ratios to scikit-learn."""
+    """Measure every (kind, method) under one BLAS setting, print the table, ours against the others, a summary."""
     env = blas_environment(setting)
     conditions = ", ".join(f"{name}={env.get(name, 'unset')}" for name in TUNING_VARIABLES)
     versions = ", ".join(f"{name} {version(name)}" for name in ("torch", "faiss-cpu", "scikit-learn"))
     print(f"k-means: {args.rows} x {args.dim} unit vectors into {args.k} clusters; {os.cpu_count()} CPUs; "
           f"{versions}\nBLAS setting '{setting}': {conditions}")
-    print(f"{'data':<10} {'method':<26} {'seconds':>8} {'runs':>5} {'iters':>6} {'mean cos dist':>14}  openblas")
+    print(f"{'data':<18} {'method':<26} {'seconds':>8} {'runs':>5} {'iters':>6} {'mean cos dist':>14}  openblas")
     results: dict[tuple[str, str], tuple[float, float]] = {}
     for kind in args.kinds:
         for method in args.methods:
@@ -185,18 +249,26 @@ def report(args: argparse.Namespace, setting: str) -> None:
             out = measure(args, kind, method, repeats, env)
             seconds = statistics.median(out["seconds"])
             results[kind, method] = seconds, out["distance"]
-            print(f"{kind:<10} {METHODS[method]:<26} {seconds:>8.2f} {repeats:>5} {out['iterations']:>6} "
+            print(f"{kind:<18} {METHODS[method]:<26} {seconds:>8.2f} {repeats:>5} {out['iterations']:>6} "
                   f"{out['distance']:>14.4f}  {out['openblas']}", flush=True)
-    if "sklearn" not in args.methods:
+    if "smog_scale" not in args.methods:
         return
-    print("\nvs scikit-learn (speed-up: target >= 8x; distance ratio: target <= 1.01)")
+    others = [method for method in ("sklearn", "faiss") if method in args.methods]
+    print("\nsmog_scale k-means against the others (distance ratio to scikit-learn: target <= 1.01; "
+          "speed-up over scikit-learn: target >= 8x)")
+    print(f"{'data':<18} " + " ".join(f"{'ratio to ' + m:>17}" for m in others) + f" {'speed-up':>9}")
+    ratios: dict[str, list[tuple[float, str]]] = {method: [] for method in others}
+    speedups = []
     for kind in args.kinds:
-        base_seconds, base_distance = results[kind, "sklearn"]
-        for method in args.methods:
-            if method != "sklearn":
-                seconds, distance = results[kind, method]
-                print(f"{kind:<10} {METHODS[method]:<26} speed-up {base_seconds / seconds:6.1f}x   "
-                      f"distance ratio {distance / base_distance:.3f}")
+        seconds, distance = results[kind, "smog_scale"]
+        for method in others:
+            ratios[method].append((distance / results[kind, method][1], kind))
+        speedup = results[kind, "sklearn"][0] / seconds if "sklearn" in others else math.nan
+        speedups.append((speedup, kind))
+        print(f"{kind:<18} " + " ".join(f"{ratios[m][-1][0]:>17.3f}" for m in others) + f" {speedup:>8.1f}x")
+    worst = [f"distance ratio to {m} {max(ratios[m])[0]:.3f} ({max(ratios[m])[1]})" for m in others]
+    print(f"worst over {len(args.kinds)} shapes: " + ", ".join(worst)
+          + (f", speed-up {min(speedups)[0]:.1f}x ({min(speedups)[1]})" if "sklearn" in others else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,7 +286,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blas", choices=("inherited", "unset", "both"), default="inherited",
                         help="subprocess environment: as this one, without OPENBLAS_CORETYPE and "
                              "OPENBLAS_L2_SIZE, or one table for each")
-    parser.add_argument("--quick", action="store_true", help="16,384 rows into 500 clusters, one repeat (overrides --rows, --k, repeats)")
+    parser.add_argument("--quick", action="store_true",
+                        help="16,384 rows into 500 clusters, one repeat (overrides --rows, --k, repeats)")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "bench_kmeans",
+                        help="where the 'cache' shape's run is trained on first use and read after")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -223,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(args)
         return
+    if "cache" in args.kinds:
+        train_cache_run(args.cache_dir)
     for setting in ("inherited", "unset") if args.blas == "both" else (args.blas,):
         report(args, setting)
         print()

@@ -17,11 +17,13 @@ Formulas (v = bytes per value, 4 for float32; S = the k-means seeding sample, ``
 - feature cache per rank: C (D v + 8) (features and int64 sample ids).
 - ``gather``: rank 0 gathers the union (``dist.gather_cat``: W padded parts, then their
   concatenation), clusters it alone and broadcasts the centroids. Peak on rank 0
-  max(2 W C D v, W C (D v + 12) + S D v) (the others hold their cache); received on rank 0
-  (W-1) C D v (the others K (D v + 8)); rank 0 searches T W C K D multiply-adds. W C = U whatever W.
-- ``sharded``: each rank keeps its C rows; the S-row seeding sample is all-gathered; every pass
-  all-reduces K x D sums, K int64 counts and one float64. Peak per rank C (D v + 12) + S D v;
-  received (W-1)/W S D v + 2 K D v + T 2 (W-1)/W (K D v + 8 K + 8); every rank searches T C K D.
+  max(2 W C D v, W C (D v + 12) + S D v + S (D + 1) 4) (the seeding sample and its cells: a float32 sum
+  and count per sampled row; the others hold their cache); received on rank 0 (W-1) C D v (the others
+  K (D v + 8)); rank 0 searches T W C K D multiply-adds. W C = U whatever W.
+- ``sharded``: each rank keeps its C rows; the S-row seeding sample is all-gathered and its cells
+  all-reduced; every pass all-reduces K x D sums, K int64 counts and one float64. Peak per rank
+  C (D v + 12) + S D v + S (D + 1) 4; received (W-1)/W S D v + 2 (W-1)/W S (D + 1) 4 + 2 K D v
+  + T 2 (W-1)/W (K D v + 8 K + 8); every rank searches T C K D.
 - group update, every step, both modes: an all-reduce of K int64 counts and of the K x D sums, whose
   backward all-reduces a K x D gradient; labels and assignments take 4 B K D multiply-adds per rank
   (2 global views x {momentum, online} features, B = global batch / W).
@@ -91,22 +93,28 @@ def passes(s: Setup) -> int:
     return s.kmeans_iters + 1
 
 
+def seeding_bytes(s: Setup) -> tuple[int, int]:
+    """The seeding sample's bytes and its cells' (a float32 sum and count per sampled row)."""
+    rows = max(s.init_sample, s.num_groups)
+    return rows * s.dim * s.value_bytes, rows * (s.dim + 1) * 4
+
+
 def gather_kmeans(s: Setup, world: int) -> KMeansCost:
     rows, row_bytes = world * cache_rows(s, world), s.dim * s.value_bytes
-    sample = max(s.init_sample, s.num_groups) * row_bytes
-    peak = max(2 * rows * row_bytes, rows * (row_bytes + 12) + sample)
+    sample, cells = seeding_bytes(s)
+    peak = max(2 * rows * row_bytes, rows * (row_bytes + 12) + sample + cells)
     received = max((world - 1) * cache_rows(s, world) * row_bytes, s.num_groups * (row_bytes + 8) if world > 1 else 0)
     return KMeansCost(peak, received, passes(s) * rows * s.num_groups * s.dim)
 
 
 def sharded_kmeans(s: Setup, world: int) -> KMeansCost:
     row_bytes = s.dim * s.value_bytes
-    sample = max(s.init_sample, s.num_groups) * row_bytes
+    sample, cells = seeding_bytes(s)
     per_pass = s.num_groups * row_bytes + 8 * s.num_groups + 8
-    received = ((world - 1) / world * sample + 2 * s.num_groups * row_bytes
+    received = ((world - 1) / world * sample + ring_allreduce(cells, world) + 2 * s.num_groups * row_bytes
                 + passes(s) * ring_allreduce(per_pass, world))
     rows = cache_rows(s, world)
-    return KMeansCost(rows * (row_bytes + 12) + sample, received, passes(s) * rows * s.num_groups * s.dim)
+    return KMeansCost(rows * (row_bytes + 12) + sample + cells, received, passes(s) * rows * s.num_groups * s.dim)
 
 
 def group_update(s: Setup, world: int) -> StepCost:

@@ -3,8 +3,8 @@
 faiss is optional. The ``cpu`` extra installs faiss-cpu, the ``gpu`` extra faiss-gpu-cu12: one distribution
 each, as both own the ``faiss`` package and the files that win decide whether the GPU index exists. Without
 faiss every search is torch's: the Lloyd loop's search is torch's off CUDA anyway (:class:`NearestCentroid`
-says why), and the seeding sample's weights (:func:`nearest_sample_rows`) are then counted exactly instead of
-through faiss's inverted-file index. :func:`backend` names the search a process uses; the self-check and the
+says why), and the seeding's cells (:func:`nearest_sample_rows`) are then found exactly instead of through
+faiss's inverted-file index. :func:`backend` names the search a process uses; the self-check and the
 first re-grouping's log line print it.
 """
 
@@ -23,8 +23,8 @@ Backend = Literal["faiss-gpu", "torch"]
 # 1.5 GiB per StandardGpuResources; a flat index tiles its N x K distances to fit what it is given, and 256 MiB
 # holds float32 distances of about 22,000 rows x 3,000 centroids. tools/memory.py counts it.
 FAISS_TEMP_MEMORY_BYTES = 256 * 2**20
-# The CPU index that finds each union row's nearest sample row: sample rows per inverted list, lists searched
-# per row, k-means iterations that place the lists.
+# The CPU index that finds each union row's nearest sample row (its cell in k-means seeding): sample rows
+# per inverted list, lists searched per row, k-means iterations that place the lists.
 _ROWS_PER_LIST, _LISTS_PROBED, _LIST_ITERS = 128, 4, 10
 
 
@@ -91,21 +91,23 @@ class NearestCentroid:
         return sims[:, 0].to(self.device), labels[:, 0].to(self.device)
 
 
-def nearest_sample_rows(sample: torch.Tensor, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Index of the row of ``sample`` (M x D) nearest to each row of ``x`` (N_r x D unit rows) -> N_r int64.
+def nearest_sample_rows(sample: torch.Tensor, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarity to, and index of, the row of ``sample`` (M x D) nearest to each row of ``x`` (N_r x D unit
+    rows) -> (N_r, N_r int64).
 
     On the CPU with faiss, an inverted-file index over the sample that scans 4 of its M / 128 lists per row
     (``seed`` places the lists), since an exact search (N x M x D, and an argmax over N x M) costs several
     Lloyd passes there; a row whose nearest sample row lies in a list it does not scan gets the nearest one it
-    scans (on the k-means benchmark's ``dirichlet`` data the counts differ from exact ones by 8% of the rows,
-    in L1). Elsewhere, and without faiss, the search is exact (:class:`NearestCentroid`).
+    scans (on the k-means benchmark's ``modes-k-noise1`` data 6% of the rows). Elsewhere, and without faiss,
+    the search is exact (:class:`NearestCentroid`).
     """
     if x.device.type != "cpu" or faiss is None:
-        return NearestCentroid(x)(sample)[1]
+        return NearestCentroid(x)(sample)
     lists = max(1, len(sample) // _ROWS_PER_LIST)
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(x.shape[1]), x.shape[1], lists, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed, index.cp.niter = seed, _LIST_ITERS
     index.train(sample)
     index.add(sample)
     index.nprobe = min(lists, _LISTS_PROBED)
-    return index.search(x, 1)[1][:, 0]
+    sims, rows = index.search(x, 1)
+    return sims[:, 0], rows[:, 0]

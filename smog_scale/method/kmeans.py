@@ -3,13 +3,14 @@
 Two modes, both ending with bit-identical centroids on every rank:
 
 - ``gather``: gather the caches on rank 0, cluster the union there, broadcast the result.
-- ``sharded``: no rank holds the union. Rank 0 seeds the centroids from a small sample gathered from
-  every rank and broadcasts them; each iteration every rank assigns its own rows to the nearest centroid
-  and the per-centroid sums and counts are all-reduced (DeepCluster-v2's M-step).
+- ``sharded``: no rank holds the union. Rank 0 seeds the centroids from a summary of the union that every
+  rank helps build and broadcasts them; each iteration every rank assigns its own rows to the nearest
+  centroid and the per-centroid sums and counts are all-reduced (DeepCluster-v2's M-step).
 
-Seeding is greedy k-means++ on a weighted sample (:func:`_sample_weights`): each sampled row stands for
-the rows of the union nearest to it, counted by every rank over its own rows and all-reduced, so the
-seeds see every row's density while the seeding loop stays the sample's size.
+Seeding is greedy k-means++ on cells of the union (:mod:`smog_scale.method.kmeans_seeding`): a sample drawn from
+every rank splits the union into cells, every rank counts and sums its rows of each cell, and the
+all-reduced sums give the seeding the union's cost of every row while the seeding loop stays the sample's
+size.
 
 Both run the same Lloyd loop (``gather`` runs it on rank 0 alone). The nearest-centroid search is a faiss
 GPU index with faiss-gpu, torch's blocked matmul elsewhere (``smog_scale.method.centroid_search``); the loop
@@ -21,8 +22,6 @@ farthest from its centroid in one of the clusters with the largest summed distan
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -30,17 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from smog_scale import dist
-from smog_scale.method.centroid_search import NearestCentroid, nearest_sample_rows
+from smog_scale.method import kmeans_seeding
+from smog_scale.method.centroid_search import NearestCentroid
 
 Mode = Literal["gather", "sharded"]
 Init = Literal["greedy_kmeans++", "random"]
 
 # Lloyd iterations allowed past ``iters`` to re-seed clusters that are still empty.
 _MAX_REPAIR_ITERS = 10
-# Largest Gram matrix of the seeding sample that CPU seeding precomputes (the default 16,384 rows: 1 GiB).
-_GRAM_BYTES = 2**30
-# Least rows of the seeding sample per centroid: the sample grows with K past ``init_sample``.
-_SAMPLE_ROWS_PER_CENTROID = 4
 
 
 class KMeansResult(NamedTuple):
@@ -94,18 +90,20 @@ def fit(
         mode: ``"gather"`` or ``"sharded"`` (see the module docstring).
         iters: most Lloyd updates (a few more only while clusters are empty).
         tol: stop early once an update lowers the mean cosine distance by at most this fraction.
-        init: ``"greedy_kmeans++"`` (:func:`_greedy_kmeanspp` on a weighted sample) or ``"random"`` rows
-            (faiss's own init). On the clustered data of benchmarks/bench_kmeans.py (65,536 rows, K = 3,000)
-            greedy seeding ended at a mean cosine distance of 0.1369, 1.2% above scikit-learn's k-means++
-            on all rows (0.1352); faiss's random seeding 17% above it.
-        init_sample: least rows of the union (drawn from every rank in proportion) that seeding looks at;
-            at least ``4 * k`` are drawn. Each is weighted by the union rows nearest to it. Seeding time
-            grows with it; on the CPU seeding holds the sample's Gram matrix up to 1 GiB (16,384 rows).
-            On the benchmark's ``dirichlet`` data (6,000 modes of Dirichlet(1) weights, K = 3,000) the
-            weighted 16,384-row sample ended at 0.1159 and 12,000 rows at 0.1175 (scikit-learn 0.1174);
-            the same 16,384 rows unweighted at 0.1232, as the sample misjudged the small modes' sizes.
+        init: ``"greedy_kmeans++"`` (:func:`smog_scale.method.kmeans_seeding.greedy_kmeanspp` on cells of a sample
+            of the union, :func:`smog_scale.method.kmeans_seeding.sample_cells`) or ``"random"`` rows (faiss's own
+            init). On every shape of benchmarks/bench_kmeans.py (65,536 rows, K = 3,000) greedy seeding ends
+            within 1% of scikit-learn's k-means++ on all rows or below it (benchmarks/README.md "k-means");
+            faiss's random seeding up to 26% above it.
+        init_sample: least rows of the union (drawn from every rank) whose cells seeding looks at; at least
+            ``4 * k`` are drawn, half uniformly and half far from the first half. Seeding time grows with
+            it; on the CPU seeding holds a cells-by-cells matrix up to 1 GiB (16,384 cells). On the
+            benchmark's ``modes-k-noise1`` data (3,000 modes of Dirichlet(1) weights and 1% scattered rows,
+            K = 3,000) 16,384 rows ended at a mean cosine distance of 0.0452 and 12,000 rows at 0.0453; the
+            cells of a uniform sample of 16,384 rows at 0.0473, and the sampled rows themselves, weighted by
+            their cells' sizes (before issue 21), at 0.0516.
         init_trials: candidates tried per greedy seeding step; seeding time grows with it. On the
-            ``dirichlet`` data 12 ended at 0.1158 as 24 did, on the clustered data at 0.1379 (24: 0.1369).
+            ``modes-k-noise1`` data 12 ended at 0.0453, 24 at 0.0452.
         seed: seeds the sample and the seeding; on CPU the same seed and inputs give the same centroids.
 
     Raises:
@@ -152,125 +150,44 @@ def _checked_union_rows(feats: torch.Tensor, k: int) -> int:
 
 
 def _cluster(x: torch.Tensor, k: int, total_rows: int, options: _Options, *, sync: bool) -> KMeansResult:
-    """Weight a sample of the union on every rank, seed from it on rank 0, broadcast, then run Lloyd's loop.
+    """Summarize the union in cells on every rank, seed from them on rank 0, broadcast, then run Lloyd's loop.
 
     ``x`` holds this rank's N_r x D unit rows.
 
     ``sync=True`` reduces over all ranks (``sharded``); ``sync=False`` treats ``x`` as the whole union and
     issues no collective (``gather`` on rank 0).
     """
-    size = max(options.init_sample, _SAMPLE_ROWS_PER_CENTROID * k, k)
-    sample = _sample_union(x, size, total_rows, options.seed, sync)
-    greedy = options.init == "greedy_kmeans++"
-    weights = _sum_over_ranks(_sample_weights(sample, x, options.seed), sync) if greedy else None
+    size = kmeans_seeding.sample_size(k, options.init_sample)
+    search = NearestCentroid(x)
+    generator = torch.Generator(device=x.device).manual_seed(options.seed)
     centroids = x.new_empty(k, x.shape[1])
-    if not sync or dist.rank() == 0:
-        generator = torch.Generator(device=x.device).manual_seed(options.seed)
-        if weights is not None:
-            centroids = _greedy_kmeanspp(sample, weights, k, options.init_trials, generator)
-        else:
+    if options.init == "greedy_kmeans++":
+        # Each rank draws its share of the sample's second half with its own stream.
+        local = torch.Generator(device=x.device).manual_seed(options.seed + (dist.rank() if sync else 0))
+        cells = kmeans_seeding.sample_cells(x, size, total_rows, options.seed, search, local, sync)
+        if not sync or dist.rank() == 0:
+            centroids = kmeans_seeding.greedy_kmeanspp(*cells, k, options.init_trials, generator)
+    else:
+        sample = kmeans_seeding.sample_union(x, size, total_rows, options.seed, sync)
+        if not sync or dist.rank() == 0:
             centroids = sample[torch.randperm(len(sample), generator=generator, device=x.device)[:k]]
     if sync:
         dist.broadcast(centroids)
-    return _lloyd(x, centroids, total_rows, iters=options.iters, tol=options.tol, sync=sync)
-
-
-def _sample_union(x: torch.Tensor, size: int, total_rows: int, seed: int, sync: bool) -> torch.Tensor:
-    """About ``size`` x D rows drawn without replacement from the union, each rank in proportion to its rows.
-
-    With ``sync`` every rank receives the gathered sample; its share is drawn with ``seed + rank``.
-    """
-    share = min(len(x), math.ceil(size * len(x) / total_rows))
-    generator = torch.Generator().manual_seed(seed + (dist.rank() if sync else 0))
-    rows = x[torch.randperm(len(x), generator=generator)[:share].to(x.device)]
-    return dist.all_gather_cat(rows) if sync else rows
-
-
-def _sample_weights(sample: torch.Tensor, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """How many rows of ``x`` (N_r x D unit rows) lie nearest to each row of ``sample`` (M x D) -> M float32.
-
-    Summed over the ranks, these weights make the sample a coreset of the union (as k-means|| weights its
-    candidates): seeding on an unweighted sample of a few rows per centroid misjudges the sizes of small
-    clusters. The search: :func:`smog_scale.method.centroid_search.nearest_sample_rows`.
-    """
-    weights = torch.zeros(len(sample), device=x.device)
-    if not len(x):  # this rank's cache is still empty
-        return weights
-    return weights.index_add_(0, nearest_sample_rows(sample, x, seed), torch.ones(len(x), device=x.device))
-
-
-def _greedy_kmeanspp(
-    sample: torch.Tensor, weights: torch.Tensor, k: int, trials: int, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Greedy k-means++ seeding (as scikit-learn's, with sample weights) of k rows of ``sample`` -> k x D.
-
-    ``sample`` holds M x D unit rows, ``weights`` (M) how many rows of the union each stands for;
-    ``generator`` None draws from torch's default generator. Written here because faiss only seeds at
-    random. The first seed is drawn in proportion to the weights; each further step draws ``trials``
-    candidates with probability proportional to weight times cosine distance to the nearest seed so far
-    (for unit rows, half the squared distance of k-means++) and keeps the one that lowers the weighted
-    summed distance most.
-
-    On the CPU the candidates' similarities to the sample come from the sample's Gram matrix when it fits
-    in ``_GRAM_BYTES``: one big matmul on every thread instead of k small ones on one thread (each row is
-    a candidate about ``k * trials / M`` times). Seeding 3,000 of 16,384 rows: 2.0 s instead of 4.3 s.
-    A GPU multiplies each step's candidates in microseconds, so it does not spend the memory.
-    """
-    rows = len(sample)
-    gram_bytes = rows * rows * sample.element_size()
-    gram = sample @ sample.T if sample.device.type == "cpu" and gram_bytes <= _GRAM_BYTES else None
-    chosen = torch.empty(k, dtype=torch.long, device=sample.device)
-    chosen[0] = torch.multinomial(weights, 1, generator=generator)[0]
-    # Floor 1e-12 keeps multinomial valid: rounding can make a seed's own distance negative, and a sample
-    # of duplicates leaves every distance at 0.
-    distance = (1 - sample @ sample[chosen[0]]).clamp_min_(1e-12)  # M: to the nearest seed so far
-    sims = sample.new_empty(trials, rows)
-    with _one_cpu_thread(sample.device):
-        for j in range(1, k):
-            candidates = torch.multinomial(distance * weights, trials, replacement=True, generator=generator)
-            if gram is None:
-                torch.mm(sample[candidates], sample.T, out=sims)
-            else:
-                torch.index_select(gram, 0, candidates, out=sims)
-            # How much each candidate would lower each row's distance: relu(distance - (1 - cos)).
-            decrease = sims.add_(distance - 1).clamp_min_(0)  # trials x M
-            best = (decrease @ weights).argmax()
-            chosen[j] = candidates[best]
-            distance = (distance - decrease[best]).clamp_min_(1e-12)
-    return sample[chosen]
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run torch single-threaded inside the block when ``device`` is the CPU, then restore the thread count.
-
-    Greedy seeding is thousands of steps of a few small ops each, where OpenMP's per-op fork and join
-    turns a second thread into a gamble: seeding 3,000 of 16,384 rows took 2.0 s on one thread and 1.3-1.5 s
-    on two on an idle 2-core machine, but 2.0-2.5 s against 5-26 s while two such jobs shared it.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return _lloyd(x, search, centroids, total_rows, iters=options.iters, tol=options.tol, sync=sync)
 
 
 def _lloyd(
-    x: torch.Tensor, centroids: torch.Tensor, total_rows: int, *, iters: int, tol: float, sync: bool
+    x: torch.Tensor, search: NearestCentroid, centroids: torch.Tensor, total_rows: int, *, iters: int, tol: float,
+    sync: bool,
 ) -> KMeansResult:
     """Lloyd's loop from ``centroids`` (K x D) over ``x`` (N_r x D unit rows) with empty-cluster re-seeding.
 
-    Each pass assigns every row to its nearest centroid (``centroid_search.NearestCentroid``), reduces the
+    Each pass assigns every row to its nearest centroid (``search``, built over ``x``), reduces the
     per-centroid sums and counts over ranks when ``sync``, and moves every centroid to its members'
     normalized mean; empty clusters are re-seeded (:func:`_reseed_rows`). It returns once ``iters``
     updates are done or ``tol`` is met and no cluster is empty, or when the repair budget is spent
     (``fit`` then raises).
     """
-    search = NearestCentroid(x)
     num_reseeded, previous = 0, math.inf
     for iteration in range(iters + _MAX_REPAIR_ITERS + 1):
         sims, labels = search(centroids)  # N_r, N_r

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTen
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from smog_scale.data.multicrop import normalize
-from smog_scale.method import kmeans
+from smog_scale.method import kmeans, kmeans_seeding
 from smog_scale.method.accumulation import StepAccumulator
 from smog_scale.method.centroid_search import NearestCentroid
 from smog_scale.method.feature_cache import FeatureCache
@@ -138,11 +138,13 @@ def test_regroup_statistics_and_kmeans_device_math(cuda):
     nearest-centroid search, greedy seeding, sampling, empty-cluster re-seeding; then the logged sizes and
     the cached rows' groups under the old and the new G that the label churn matches (on the host)."""
     x = F.normalize(torch.randn(64, D, device=cuda), dim=1)
-    sample = kmeans._sample_union(x, 32, 64, seed=0, sync=False)
-    # fit seeds with a CUDA generator; one cannot be made without a driver, and fake CUDA accepts this one
-    weights = kmeans._sample_weights(sample, x, seed=0)
-    centroids = kmeans._greedy_kmeanspp(sample, weights, K, trials=4, generator=torch.Generator().manual_seed(0))
-    sims, labels = NearestCentroid(x)(centroids)
+    sample = kmeans_seeding.sample_union(x, 32, 64, seed=0, sync=False)
+    search = NearestCentroid(x)
+    # fit draws with CUDA generators; one cannot be made without a driver, and fake CUDA accepts this one
+    generator = torch.Generator().manual_seed(0)
+    sums, counts = kmeans_seeding.sample_cells(x, 32, 64, 0, search, generator, sync=False)
+    centroids = kmeans_seeding.greedy_kmeanspp(sums, counts, K, trials=4, generator=generator)
+    sims, labels = search(centroids)
     cost = torch.zeros(K, device=cuda).index_add_(0, labels, 1 - sims)
     seeds = kmeans._reseed_rows(x, sims, labels, cost, count=2, sync=False)
     sizes = torch.zeros(K, dtype=torch.long, device=cuda).index_add_(0, labels, torch.ones_like(labels))
@@ -150,4 +152,5 @@ def test_regroup_statistics_and_kmeans_device_math(cuda):
     assert stats["quantiles"].shape == (5,)
     old_and_new = torch.stack([assign(GroupBank(K, D).to(cuda).groups, x), assign(centroids, x)], dim=1)
     assert old_and_new.shape == (64, 2)
-    assert {t.device for t in (sample, weights, centroids, sims, labels, seeds, old_and_new, *stats.values())} == {cuda}
+    assert {t.device for t in (sample, sums, counts, centroids, sims, labels, seeds, old_and_new,
+                               *stats.values())} == {cuda}

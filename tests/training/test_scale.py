@@ -249,7 +249,7 @@ def test_scaling_table_formulas_and_crossover(capsys, monkeypatch):
     assert tool.gather_kmeans(s, 8).received_bytes == 7 * 32768 * 128 * 4  # rank 0's gather
     per_pass = 3000 * 128 * 4 + 3000 * 8 + 8
     assert tool.sharded_kmeans(s, 2).received_bytes == pytest.approx(
-        16384 * 128 * 4 / 2 + 2 * 3000 * 128 * 4 + 21 * per_pass)
+        16384 * 128 * 4 / 2 + 16384 * 129 * 4 + 2 * 3000 * 128 * 4 + 21 * per_pass)
     assert tool.sharded_kmeans(s, 8).busiest_macs == 21 * 32768 * 3000 * 128
     assert tool.group_update(s, 8).payload_bytes == 3000 * 8 + 2 * 3000 * 128 * 4
     assert tool.traffic_crossover(s) == 2 and tool.gather_fits(s, 4 * 2**30) and not tool.gather_fits(s, 2**27)
