@@ -1,11 +1,16 @@
-"""The instance-contrastive reference of ``bench_learning.py``: SimCLR (Chen et al. 2020) with the recipe's
-backbone, projector, views, batch, optimizer and schedule, on one CPU process.
+"""Our SimCLR reference for ``bench_learning.py``: the standard small recipe through the project's own parts.
 
-Written here, not in the package: it is a yardstick for the small set (issue 13 compares SMoG against
-"an instance-contrastive method (SimCLR) at the same budget"), not a training objective we ship. The
-loss is NT-Xent over the 2B views of a batch (each view's positive is the other view of its image, the
-other 2B - 2 views are its negatives), temperature ``TEMPERATURE``. Images are drawn uniformly with
-replacement from the small set's ImageFolder, as the trainer's shard stream with replacement does.
+The same recipe as ``lightly_simclr.py`` (the public package), so that the two rows show whether our pipeline
+reproduces the public one: views from ``smog_scale.data.multicrop`` (the trainer's augmentation code, decoding
+the JPEG bytes of the ImageFolder: random resized crop at 32 px with scale [0.2, 1] and bilinear resampling,
+flip, ``ColorJitter(0.4, 0.4, 0.4, 0.1)`` with p 0.8, grayscale with p 0.2, no blur, ImageNet normalization),
+batches drawn without replacement (one seeded permutation per epoch, the last partial batch dropped), the
+recipe's backbone from ``smog_scale.models.backbone``, a 512 -> 512 -> 128 projection head (Linear, BatchNorm,
+ReLU, Linear), NT-Xent at temperature 0.2 over the 2B views, and the trainer's optimizer factory and schedule
+(``training.optim``: SGD, lr 0.06 x batch / 256, momentum 0.9, weight decay 5e-4 except on biases and norm
+parameters; ``method.schedules``: cosine to 0, no warm-up).
+
+Written here, not in the package: a yardstick for the benchmark's data, not a training objective we ship.
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smog_scale.config.schema import Config
-from smog_scale.config.validation import crop_specs
-from smog_scale.data.multicrop import MultiCrop, normalize
+from smog_scale.config.schema import OptimConfig
+from smog_scale.data.multicrop import CropSpec, MultiCrop, normalize
 from smog_scale.method import schedules
 from smog_scale.models.backbone import build_backbone
-from smog_scale.models.heads import projector
 from smog_scale.training import optim
 
-TEMPERATURE = 0.5  # SimCLR's CIFAR-10 value
+BATCH = 128
+TEMPERATURE = 0.2
+HEAD = (512, 128)  # hidden, output
+OPTIMIZER = OptimConfig(name="sgd", base_lr=0.06, weight_decay=5e-4, momentum=0.9, warmup_epochs=0)
+VIEW = CropSpec(size=32, count=2, scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                jitter_p=0.8, grayscale_p=0.2, blur_p=0.0, solarize_p=0.0, interpolation="bilinear")
 
 
 def nt_xent(z: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
@@ -44,47 +52,52 @@ def nt_xent(z: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
 
 
 def load_images(images: Path) -> list[bytes]:
-    """The bytes of every ``*.jpg`` under ``images`` (the small set's ImageFolder), in sorted order."""
+    """The bytes of every ``*.jpg`` under ``images`` (an ImageFolder), in sorted order."""
     files = sorted(images.rglob("*.jpg"))
     if not files:
         raise FileNotFoundError(f"no *.jpg under {images}")
     return [path.read_bytes() for path in files]
 
 
-def draw_views(crops: MultiCrop, blobs: list[bytes], batch: int, rng: random.Random) -> torch.Tensor:
-    """[2, batch, 3, S, S] normalized: the first two views of ``batch`` images drawn uniformly with replacement."""
-    views = [crops(blobs[rng.randrange(len(blobs))], rng) for _ in range(batch)]
-    return normalize(torch.stack([torch.stack(v[:2]) for v in views], dim=1))
+def epoch_batches(count: int, batch: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of full batches of image indices: a permutation of ``count`` cut into ``batch``-sized pieces
+    (the remainder dropped), so no image appears twice in a batch."""
+    order = rng.sample(range(count), count)
+    return [order[start:start + batch] for start in range(0, count - batch + 1, batch)]
 
 
-def train(cfg: Config, images: Path, run: Path, seed: int, steps: int, every: int,
-          knn: Callable[[nn.Module], float]) -> None:
+def train(images: Path, run: Path, seed: int, steps: int, every: int, backbone_name: str,
+          backbone_kwargs: dict, knn: Callable[[nn.Module], float]) -> None:
     """Train ``steps`` steps on the ``*.jpg`` under ``images``; append ``{"step", "event": "knn", "knn_top1"}``
     to ``run/metrics.jsonl`` every ``every`` steps (``knn`` scores the backbone, which it gets in eval mode)."""
     blobs = load_images(images)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    backbone = build_backbone(cfg.model.backbone, **cfg.model.backbone_kwargs)
+    backbone = build_backbone(backbone_name, **backbone_kwargs)
     width = cast(int, backbone.num_features)
-    net = nn.Sequential(backbone, projector(width, cfg.model.proj_hidden_dim, cfg.model.proj_dim))
-    batch = cfg.optim.global_batch_size
-    peak = cfg.optim.base_lr * batch / 256
-    warmup = round(steps * cfg.optim.warmup_epochs / cfg.optim.epochs)
-    optimizer = optim.build_optimizer(net, cfg.optim, peak)
-    crops = MultiCrop(crop_specs(cfg))
+    hidden, out = HEAD
+    net = nn.Sequential(backbone, nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                        nn.Linear(hidden, out))
+    peak = OPTIMIZER.base_lr * BATCH / 256
+    optimizer = optim.build_optimizer(net, OPTIMIZER, peak)
+    crops = MultiCrop([VIEW])
     run.mkdir(parents=True, exist_ok=True)
+    step = 0
     with open(run / "metrics.jsonl", "w") as log:
-        for step in range(steps):
-            optim.set_learning_rate(optimizer, schedules.learning_rate(step, steps, peak, warmup))
-            x = draw_views(crops, blobs, batch, rng)
-            loss = nt_xent(net(x.flatten(0, 1)).unflatten(0, (2, batch)))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done = step + 1
-            log.write(json.dumps({"step": done, "loss": loss.item()}) + "\n")
-            if done % every == 0:
-                top1 = knn(backbone.eval())
-                backbone.train()
-                log.write(json.dumps({"step": done, "event": "knn", "knn_top1": top1}) + "\n")
-            log.flush()
+        while step < steps:
+            for indices in epoch_batches(len(blobs), BATCH, rng):
+                optim.set_learning_rate(optimizer, schedules.learning_rate(step, steps, peak, 0))
+                views = torch.stack([torch.stack(crops(blobs[i], rng)) for i in indices], dim=1)  # [2, B, 3, S, S]
+                loss = nt_xent(net(normalize(views).flatten(0, 1)).unflatten(0, (2, len(indices))))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                log.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+                if step % every == 0:
+                    top1 = knn(backbone.eval())
+                    backbone.train()
+                    log.write(json.dumps({"step": step, "event": "knn", "knn_top1": top1}) + "\n")
+                log.flush()
+                if step == steps:
+                    break

@@ -298,9 +298,12 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
 def center_view(data: bytes, image_size: int = 224, resize_ratio: float = 0.875) -> torch.Tensor:
     """Evaluation view: resize the short side to ``image_size / resize_ratio``, center-crop, normalize.
 
-    Returns float32 (3, image_size, image_size). Standard kNN / linear-probe preprocessing.
+    Returns float32 (3, image_size, image_size). Standard kNN / linear-probe preprocessing. An image whose
+    short side already is ``image_size`` (a 32-px set evaluated at 32) is only center-cropped along its long
+    side: resizing it to 37 and cropping 32 would zoom into it, which no evaluation of such sets does.
     """
     short_side = round(image_size / resize_ratio)
     image, _, _ = decode_rgb(data, min_short_side=short_side)
-    image = TF.resize(image, [short_side], interpolation=TF.InterpolationMode.BICUBIC)
+    if min(image.size) != image_size:
+        image = TF.resize(image, [short_side], interpolation=TF.InterpolationMode.BICUBIC)
     return normalize(TF.pil_to_tensor(TF.center_crop(image, [image_size, image_size])))

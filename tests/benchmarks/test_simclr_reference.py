@@ -1,8 +1,9 @@
-"""The benchmark's SimCLR reference loss (benchmarks/simclr_reference.py) against a plain per-view loop."""
+"""The benchmark's SimCLR reference (benchmarks/simclr_reference.py): NT-Xent against a plain per-view loop, batches."""
 
 from __future__ import annotations
 
 import math
+import random
 import sys
 
 import pytest
@@ -13,7 +14,7 @@ from tests.helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from simclr_reference import nt_xent  # noqa: E402
+from simclr_reference import epoch_batches, nt_xent  # noqa: E402
 
 
 def plain_nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -43,3 +44,11 @@ def test_nt_xent_is_lower_when_the_views_agree() -> None:
 def test_nt_xent_refuses_more_than_two_views() -> None:
     with pytest.raises(ValueError, match="exactly 2 views"):
         nt_xent(torch.randn(3, 4, 8))
+
+
+def test_epoch_batches_draw_without_replacement() -> None:
+    batches = epoch_batches(1437, 128, random.Random(0))
+    drawn = [i for batch in batches for i in batch]
+    assert len(batches) == 11 and all(len(batch) == 128 for batch in batches)
+    assert len(set(drawn)) == len(drawn) and set(drawn) <= set(range(1437))  # no image twice in an epoch
+    assert epoch_batches(1437, 128, random.Random(0)) == batches != epoch_batches(1437, 128, random.Random(1))

@@ -204,3 +204,13 @@ def test_center_view() -> None:
     view = center_view(_photo_jpeg(90, 60), image_size=32)
     assert view.shape == (3, 32, 32) and view.dtype == torch.float32
     assert -2.2 < float(view.min()) < float(view.max()) < 2.7 and not math.isclose(float(view.std()), 0.0)
+
+
+def test_center_view_takes_an_image_at_the_evaluation_size_as_it_is() -> None:
+    """A 32-px image evaluated at 32 px is not zoomed (resized to 37, cropped to 32): its pixels come through."""
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    view = center_view(out.getvalue(), image_size=32)
+    expected = normalize(torch.from_numpy(pixels[:, 4:36]).permute(2, 0, 1).contiguous())
+    torch.testing.assert_close(view, expected)  # the same normalization of the same bytes: exact

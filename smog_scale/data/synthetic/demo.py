@@ -56,7 +56,7 @@ def _longer_side(rng: np.random.Generator) -> int:
     return int(rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1))
 
 
-def shift_colours(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+def _shift_colours(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Brightness, contrast and saturation in 0.7-1.3 and per-channel gains in 0.85-1.15."""
     pixels = np.asarray(image, dtype=np.float32)
     mean = pixels.mean()
@@ -83,7 +83,7 @@ def _random_view(picture: Image.Image, rng: np.random.Generator) -> Image.Image:
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     scale = _longer_side(rng) / max(crop_w, crop_h)
     view = view.resize((max(1, round(crop_w * scale)), max(1, round(crop_h * scale))), Image.Resampling.BICUBIC)
-    return shift_colours(view, rng)
+    return _shift_colours(view, rng)
 
 
 def _photo_renderer(photo: np.ndarray) -> Render:
