@@ -38,6 +38,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "run.collective_timeout_s": "a guard rail, not the training",
     "run.tf32": "float32 rounding, as the launcher's precision may change too",
     "data.pin_memory": "loading only",
+    "data.persistent_workers": "loading only (the batches are the same)",
     "data.train_shards": "the shards may move (e.g. to node-local disk); their size is checked: derived.num_samples",
     "data.num_workers": "loading only (a change of derived.steps_per_epoch it causes is still refused)",
     "data.shuffle_buffer": "loading only; the sample order changes on resume anyway (README)",

@@ -60,6 +60,9 @@ class DataConfig:
     # CUDA only. The loader's batches in page-locked memory, so that their copy to the GPU (non_blocking) overlaps
     # compute instead of waiting for the stream; off if the host is short of memory (costs one batch per worker).
     pin_memory: bool = True
+    # With num_workers > 0, the training loader's workers start once per launch and serve every epoch (each
+    # epoch's batches and order are those of a loader built for it); off: new workers every epoch.
+    persistent_workers: bool = True
     # Crop records (multicrop.CropSpec fields); global crops first. BYOL asymmetric recipe by default.
     crops: list[dict[str, Any]] = field(
         default_factory=lambda: [

@@ -7,15 +7,16 @@ is a number of samples (``manifest.json`` beside the shards, or ``num_samples``)
 yields exactly ``len(loader) / num_workers`` batches through ``with_epoch``.
 
 Every random stream is seeded from (seed, epoch, rank, worker), so a pass is a pure function of
-those and ``num_workers`` (``seeded_streams``); the loader rebuilds its pipeline on every ``iter``.
+those and ``num_workers`` (``seeded_streams``); the workers rebuild the pipeline on every ``iter``, from
+the epoch and start batch that ``set_epoch`` chose, whether they are new or persistent (``shard_loader``).
 
 Neither loader can spin or hang: ``max_consecutive_failures`` samples or shards in a row that fail
 raise ``SampleFailures``; with worker processes, no batch within ``read_timeout_s`` raises
 ``ShardStallError`` naming the shard a worker is stuck reading (``shard_reading.ReadBoard``). Errors
 from a worker reach the caller as the same type with a one-line message. Workers ignore
 SIGTERM/SIGUSR1 from their start (pre-emption is the trainer's to handle). Shard lists, manifests and
-the startup check are in ``shard_list``, opening and the failure guard in ``shard_reading``; this
-module is the package's entry point to all three.
+the startup check are in ``shard_list``, opening and the failure guard in ``shard_reading``, the
+DataLoader and its workers in ``shard_loader``; this module is the package's entry point to all four.
 
 Batch layout (dict)::
 
@@ -33,8 +34,6 @@ from __future__ import annotations
 import functools
 import math
 import random
-import signal
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,20 +65,19 @@ from smog_scale.data.shard_list import (
     sample_counts,
     shard_urls,
 )
+from smog_scale.data.shard_loader import ShardLoader, TrainLoader
 from smog_scale.data.shard_reading import (
-    STOP_SIGNALS,
     FailureGuard,
     ReadBoard,
     SampleFailures,
     ShardOpenError,
     ShardStallError,
-    one_line,
 )
 
 __all__ = [
     "MANIFEST_NAME", "SampleFailures", "ShardCheckError", "ShardError", "ShardLoader", "ShardOpenError",
-    "ShardStallError", "build_eval_loader", "build_train_loader", "check_shards", "count_samples", "read_manifest",
-    "shard_urls",
+    "ShardStallError", "TrainLoader", "build_eval_loader", "build_train_loader", "check_shards", "count_samples",
+    "read_manifest", "shard_urls",
 ]
 
 
@@ -120,87 +118,10 @@ def _read_samples(guard: FailureGuard, reading: _Reading, board: ReadBoard) -> l
     ]
 
 
-class ShardLoader:
-    """An iterable of batches: each ``iter`` builds the pipeline and a fresh DataLoader (workers never
-    carry state across passes) and turns a worker's error into the same error on one line.
-
-    ``len()`` is the number of batches a pass yields (the evaluation loader knows it only from the
-    manifests; without them ``len()`` raises ``TypeError``, which progress bars take as unknown).
-    """
-
-    def __init__(self, build: Callable[[int, ReadBoard], wds.DataPipeline], *, epoch: int, num_batches: int | None,
-                 num_workers: int, pin_memory: bool, read_timeout_s: float) -> None:
-        self._build, self.epoch, self.num_batches = build, epoch, num_batches
-        self.num_workers, self.pin_memory, self.read_timeout_s = num_workers, pin_memory, read_timeout_s
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shard/sample/augmentation streams the next ``iter`` yields."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("the number of batches is unknown: the shards have no manifest")
-        return self.num_batches
-
-    def __iter__(self) -> Iterator[Any]:
-        board = ReadBoard(self.num_workers)
-        # The workers start here with the stop signals blocked (a blocked signal waits in this process, for
-        # its handler): before ``init_worker`` ignores them, torch's SIGTERM handler would end a worker.
-        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            batches = iter(torch.utils.data.DataLoader(
-                self._build(self.epoch, board), batch_size=None, shuffle=False, num_workers=self.num_workers,
-                pin_memory=self.pin_memory, worker_init_fn=board.init_worker,
-                timeout=self.read_timeout_s if self.num_workers > 0 else 0,
-            ))
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except Exception as err:  # noqa: BLE001 - re-raised below, once the workers are shut down
-                error = self._error(err, board)
-                # The traceback's frames hold the DataLoader iterator: clear them, or its workers (which
-                # ignore SIGTERM) outlive it, and multiprocessing waits for them forever at exit.
-                traceback.clear_frames(err.__traceback__)
-                break
-            yield batch
-        del batches  # shuts the workers down: they exit, except one stuck in a read, killed below
-        if isinstance(error, ShardStallError):
-            board.kill_workers()
-        raise error
-
-    def _error(self, err: Exception, board: ReadBoard) -> BaseException:
-        """What a failed ``next`` raises: a worker's shard error on one line, a timeout as the stalled shard."""
-        if isinstance(err, ShardError):
-            return type(err)(one_line(err))
-        if isinstance(err, RuntimeError) and str(err).startswith("DataLoader timed out"):
-            stall = board.describe_stall()
-            return ShardStallError(f"no batch for {self.read_timeout_s:g} s (read_timeout_s): {stall}")
-        return err
-
-
-class TrainLoader(ShardLoader):
-    """The per-rank epoch iterable: ``len()`` batches per pass; ``set_epoch`` selects the streams,
-    so a pass depends only on (seed, epoch, rank, num_workers)."""
-
-    def __init__(self, build: Callable[[int, ReadBoard], wds.DataPipeline], *, global_batch_size: int,
-                 num_batches: int, **kwargs: Any) -> None:
-        super().__init__(build, num_batches=num_batches, **kwargs)
-        self.global_batch_size = global_batch_size
-
-    @property
-    def num_samples(self) -> int:
-        """Samples per epoch over all ranks (``num_samples`` rounded down to whole batches)."""
-        return len(self) * self.global_batch_size
-
-
-def _train_pipeline(epoch: int, board: ReadBoard, *, urls: list[str], transform: MultiCrop, batch_size: int,
-                    worker_batches: int, seed: int, rank: int, world_size: int, workers: int, start_batch: int,
+def _train_pipeline(epoch: int, start_batch: int, board: ReadBoard, *, urls: list[str], transform: MultiCrop,
+                    batch_size: int, worker_batches: int, seed: int, rank: int, world_size: int, workers: int,
                     shuffle_buffer: int, resampled: bool, reading: _Reading) -> wds.DataPipeline:
-    """The training DataPipeline for one epoch (see the module docstring for the stages)."""
+    """The training DataPipeline for one epoch from ``start_batch`` (see the module docstring for the stages)."""
     guard = FailureGuard(reading.max_consecutive_failures)
     streams = Streams(seed, epoch, rank, workers, start_batch)
     if resampled:
@@ -239,6 +160,7 @@ def build_train_loader(
     shuffle_buffer: int = 1000,
     resampled: bool = True,
     pin_memory: bool = False,
+    persistent_workers: bool = False,
     draft: bool = True,
     start_batch: int = 0,
     **reading: Any,
@@ -258,6 +180,9 @@ def build_train_loader(
         resampled: draw shards with replacement (training default). Without it, shards are
             shuffled per epoch and split by rank then worker: needs shards >= workers x ranks.
         pin_memory: passed to the DataLoader.
+        persistent_workers: with ``num_workers > 0``, start the workers once and keep them across passes
+            (``set_epoch`` selects each one; the batches are those of a loader built for that epoch);
+            ``close()`` shuts them down. An error in a pass shuts them down either way.
         draft: allow reduced-size JPEG decoding where no crop gets upscaled by it.
         start_batch: resume the epoch at this batch: the batches then equal batches
             ``start_batch, start_batch + 1, ...`` of the full pass (exact unless samples before it
@@ -275,8 +200,8 @@ def build_train_loader(
             ``max_consecutive_failures`` (1000): samples or shards in a row that fail before
             ``SampleFailures`` names the first of them.
     """
-    if min(seed, epoch) < 0 or batch_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need seed, epoch >= 0, batch_size >= 1 and 0 <= rank < world_size; got "
+    if min(seed, epoch, start_batch) < 0 or batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need seed, epoch, start_batch >= 0, batch_size >= 1 and 0 <= rank < world_size; got "
                          f"{seed=}, {epoch=}, {batch_size=}, {rank=}, {world_size=}")
     url_list, workers, options = shard_urls(urls), max(1, num_workers), _Reading(**reading)
     if not resampled and len(url_list) < workers * world_size:
@@ -290,11 +215,11 @@ def build_train_loader(
     build = functools.partial(
         _train_pipeline, urls=url_list, transform=MultiCrop(crops, draft=draft), batch_size=batch_size,
         worker_batches=worker_batches, seed=seed, rank=rank, world_size=world_size, workers=workers,
-        start_batch=start_batch, shuffle_buffer=shuffle_buffer, resampled=resampled, reading=options,
+        shuffle_buffer=shuffle_buffer, resampled=resampled, reading=options,
     )
-    return TrainLoader(build, epoch=epoch, num_batches=worker_batches * workers,
+    return TrainLoader(build, epoch=epoch, start_batch=start_batch, num_batches=worker_batches * workers,
                        global_batch_size=batch_size * world_size, num_workers=num_workers, pin_memory=pin_memory,
-                       read_timeout_s=options.read_timeout_s)
+                       read_timeout_s=options.read_timeout_s, persistent_workers=persistent_workers)
 
 
 def _eval_sample(sample: dict, image_size: int) -> tuple[torch.Tensor, int, str]:
@@ -306,8 +231,8 @@ def _collate_eval(samples: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.T
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys)
 
 
-def _eval_pipeline(_epoch: int, board: ReadBoard, *, urls: list[str], image_size: int, batch_size: int, rank: int,
-                   world_size: int, reading: _Reading) -> wds.DataPipeline:
+def _eval_pipeline(_epoch: int, _start_batch: int, board: ReadBoard, *, urls: list[str], image_size: int,
+                   batch_size: int, rank: int, world_size: int, reading: _Reading) -> wds.DataPipeline:
     guard = FailureGuard(reading.max_consecutive_failures)
     return wds.DataPipeline(
         wds.SimpleShardList(urls),

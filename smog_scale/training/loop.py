@@ -1,7 +1,7 @@
 """The training loop: build a launch's state, resume, then optimizer steps with their periodic events until done.
 
-Per epoch a training loader that starts at the data position; per committed step, in order: the log (every
-``run.log_every`` steps), re-grouping and momentum resets (``training.regrouping``), the kNN monitor, a stop
+One training loader per launch, each epoch's pass from the data position; per committed step, in order: the log
+(every ``run.log_every`` steps), re-grouping and momentum resets (``training.regrouping``), the kNN monitor, a stop
 that SIGTERM/SIGUSR1 requested (checkpoint, exit code 0), the stop after ``run.max_nonfinite_steps`` skipped
 steps in a row (checkpoint, exit code 1), and the periodic checkpoint. ``smog_scale/train.py`` is its command
 line.
@@ -27,7 +27,7 @@ from smog_scale import dist
 from smog_scale.config.derived import derive
 from smog_scale.config.schema import Config, Derived, resolved
 from smog_scale.config.validation import crop_specs
-from smog_scale.data.shards import build_train_loader
+from smog_scale.data.shards import TrainLoader, build_train_loader
 from smog_scale.method.feature_cache import FeatureCache
 from smog_scale.method.grouping import GroupBank
 from smog_scale.method.regroup_schedule import schedule
@@ -135,16 +135,28 @@ def train(state: TrainState, log: RunLog) -> int:
     checkpoint is written either way)."""
     cfg, derived = state.cfg, state.derived
     last_step = min(cfg.run.max_steps or derived.total_steps, derived.total_steps)
+    # One loader per launch (persistent workers unless data.persistent_workers=false), each epoch's pass from the
+    # data position (``_epochs``): skipped steps consumed batches too.
+    epoch, done = divmod(state.data_steps, derived.steps_per_epoch)
+    loader = build_train_loader(
+        cfg.data.train_shards, crops=crop_specs(cfg), batch_size=derived.batch_size_per_device,
+        num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=epoch, rank=dist.rank(),
+        world_size=dist.world_size(), num_samples=derived.num_samples, shuffle_buffer=cfg.data.shuffle_buffer,
+        start_batch=done * cfg.optim.grad_accum_steps, pin_memory=pins_memory(cfg, state.accelerator.device),
+        persistent_workers=cfg.data.persistent_workers, **reading_settings(cfg))
+    try:
+        return _epochs(state, log, loader, last_step)
+    finally:
+        loader.close()  # the workers ignore SIGTERM: at exit, multiprocessing would wait for them forever
+
+
+def _epochs(state: TrainState, log: RunLog, loader: TrainLoader, last_step: int) -> int:
+    """:func:`train`'s steps, one ``loader`` pass per epoch."""
+    cfg, derived = state.cfg, state.derived
     knn_every = cfg.monitor.knn_every_epochs * derived.steps_per_epoch
     while state.global_step < last_step:
-        # One loader per epoch, from the data position: skipped steps consumed batches too.
         epoch, done = divmod(state.data_steps, derived.steps_per_epoch)
-        loader = build_train_loader(
-            cfg.data.train_shards, crops=crop_specs(cfg), batch_size=derived.batch_size_per_device,
-            num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=epoch, rank=dist.rank(),
-            world_size=dist.world_size(), num_samples=derived.num_samples,
-            shuffle_buffer=cfg.data.shuffle_buffer, start_batch=done * cfg.optim.grad_accum_steps,
-            pin_memory=pins_memory(cfg, state.accelerator.device), **reading_settings(cfg))
+        loader.set_epoch(epoch, start_batch=done * cfg.optim.grad_accum_steps)
         remaining = (derived.steps_per_epoch - done) * cfg.optim.grad_accum_steps
         waited = time.perf_counter()
         for batch in agreed(itertools.islice(loader, remaining)):

@@ -136,15 +136,16 @@ def test_failures_count_in_a_row_only(tmp_path: Path) -> None:
         list(build_eval_loader(urls, image_size=8, batch_size=4, num_workers=0, max_consecutive_failures=2))
 
 
-@pytest.mark.parametrize("kind", ["train", "eval"])
+@pytest.mark.parametrize("kind", ["train", "persistent", "eval"])
 def test_a_stalled_read_ends_with_the_shard_named_and_the_workers_gone(tmp_path: Path, kind: str) -> None:
     """A ``pipe:`` command that never sends (or a hung network filesystem): no batch within
-    ``read_timeout_s`` raises naming the shard, and the stuck worker (which ignores SIGTERM) is killed."""
+    ``read_timeout_s`` raises naming the shard, and the stuck worker (which ignores SIGTERM) is killed,
+    persistent or not."""
     stalled = "pipe:exec sleep 20"
     urls = f"{stalled}::{write_shards(tmp_path / 'shards', [4] * 8)}"
-    if kind == "train":
+    if kind in ("train", "persistent"):
         loader = build_train_loader(urls, crops=LOADER_CROPS, batch_size=2, num_workers=1, seed=0, num_samples=8,
-                                    resampled=False, read_timeout_s=2)
+                                    resampled=False, read_timeout_s=2, persistent_workers=kind == "persistent")
     else:
         loader = build_eval_loader(urls, image_size=8, batch_size=2, num_workers=1, read_timeout_s=2)
     before = children()
@@ -158,13 +159,14 @@ def test_a_stalled_read_ends_with_the_shard_named_and_the_workers_gone(tmp_path:
     assert not children() - before, "a loader worker survived"
 
 
-@pytest.mark.parametrize("kind", ["train", "eval"])
+@pytest.mark.parametrize("kind", ["train", "persistent", "eval"])
 def test_workers_ignore_preemption_signals(tmp_path: Path, kind: str) -> None:
     """SIGTERM/SIGUSR1 to the process group (a cluster's pre-emption) must not kill the loader workers:
     the trainer saves a checkpoint first, and the kNN monitor may be running at that moment."""
     urls = write_shards(tmp_path / "sig", [4] * 4)
-    if kind == "train":
-        loader = build_train_loader(urls, crops=LOADER_CROPS, batch_size=2, num_workers=2, seed=0, resampled=False)
+    if kind in ("train", "persistent"):
+        loader = build_train_loader(urls, crops=LOADER_CROPS, batch_size=2, num_workers=2, seed=0, resampled=False,
+                                    persistent_workers=kind == "persistent")
     else:
         loader = build_eval_loader(urls, image_size=8, batch_size=2, num_workers=2)
     before = children()
@@ -180,6 +182,9 @@ def test_workers_ignore_preemption_signals(tmp_path: Path, kind: str) -> None:
     time.sleep(0.5)
     keys += [k for batch in batches for k in (batch[-1] if kind == "eval" else batch["key"])]
     assert len(keys) == 16 and len(set(keys)) == 16
+    if kind == "persistent":  # the same workers serve the next pass
+        assert len([k for batch in loader for k in batch["key"]]) == 16 and children() - before == workers
+        loader.close()
 
 
 def test_a_preemption_signal_while_a_worker_starts_does_not_end_it(tmp_path: Path, monkeypatch) -> None:

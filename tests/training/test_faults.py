@@ -216,14 +216,19 @@ import runpy
 from smog_scale import dist
 from smog_scale.training import loop
 real = loop.build_train_loader
-def build_train_loader(*args, **kwargs):
-    loader = real(*args, **kwargs)
-    def failing():
-        for index, batch in enumerate(loader):
+class Failing:
+    def __init__(self, loader):
+        self.loader = loader
+    def __getattr__(self, name):  # set_epoch, close
+        return getattr(self.loader, name)
+    def __iter__(self):
+        for index, batch in enumerate(self.loader):
             if index == 2:
                 raise RuntimeError("injected loader failure")
             yield batch
-    return failing() if dist.rank() == 1 else loader
+def build_train_loader(*args, **kwargs):
+    loader = real(*args, **kwargs)
+    return Failing(loader) if dist.rank() == 1 else loader
 loop.build_train_loader = build_train_loader
 runpy.run_path({train!r}, run_name="__main__")
 '''

@@ -1,12 +1,14 @@
 """The trainer's loop module: building a launch's state (every rank starts from the same networks and G, then draws
 its own random numbers), a compiled model, the CUDA backend flags, the training loader's settings and the process
-group's timeout the recipe sets."""
+group's timeout the recipe sets; the batches the loop feeds its steps, resumed or not, with persistent loader
+workers or without."""
 
 from __future__ import annotations
 
 import os
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from accelerate.state import AcceleratorState
 from smog_scale.config.validation import load_config
 from smog_scale.launch.skip_probe import synthetic_batch
 from smog_scale.training import loop
-from smog_scale.training.step import train_step
+from smog_scale.training.step import StepEnd, train_step
 from tests.helpers import ROOT, run_on_ranks, tiny_state
 
 
@@ -77,6 +79,7 @@ def test_training_loader_pins_memory_on_cuda_unless_the_recipe_says_not(tmp_path
     with pytest.raises(_Built):
         loop.train(state, log=None)  # type: ignore[arg-type]  (not reached)
     assert seen["pin_memory"] is False  # a CPU launch: nothing to pin for
+    assert seen["persistent_workers"] is True  # data.persistent_workers, on by default
     cuda = torch.device("cuda", 0)
     assert loop.pins_memory(state.cfg, cuda)
     off = load_config(ROOT / "recipes" / "demo_cpu.yaml", ["data.pin_memory=false"])
@@ -115,3 +118,35 @@ def test_compiled_model_trains_as_the_uncompiled_one(tmp_path, shards, monkeypat
     compiled = _losses(tmp_path / "compiled", shards, "model.compile=true")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the steps ran compiled graphs
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def _trained_keys(state, monkeypatch) -> list[str]:
+    """The keys of every batch ``loop.train`` feeds its steps (a stand-in step that only counts)."""
+    keys: list[str] = []
+
+    def step(state, batch) -> StepEnd:
+        keys.extend(batch["key"])
+        state.global_step += 1
+        state.data_steps += 1
+        return StepEnd(committed=False, metrics={})
+
+    monkeypatch.setattr(loop, "train_step", step)
+    log = SimpleNamespace(data_wait=lambda _seconds: None)  # no step commits: nothing else logs
+    assert loop.train(state, log) == 0  # type: ignore[arg-type]
+    return keys
+
+
+def test_the_trainer_resumed_at_epoch_2_sees_the_uninterrupted_run_s_batches(tmp_path, shards, monkeypatch):
+    """``loop.train`` with persistent workers (the default), from the start and from a data position in epoch 2,
+    against new workers every epoch: the same samples in the same order."""
+    overrides = ("data.num_workers=2", "data.num_samples=96", "optim.epochs=3")
+    state = tiny_state(tmp_path / "run", shards, *overrides)
+    assert state.cfg.data.persistent_workers
+    straight = _trained_keys(state, monkeypatch)
+    per_epoch = state.derived.steps_per_epoch
+    assert len(straight) == 3 * per_epoch * 8
+    rebuilt = tiny_state(tmp_path / "rebuilt", shards, *overrides, "data.persistent_workers=false")
+    assert _trained_keys(rebuilt, monkeypatch) == straight
+    for position in (2 * per_epoch, 2 * per_epoch + 3):
+        state.global_step = state.data_steps = position
+        assert _trained_keys(state, monkeypatch) == straight[position * 8:]
