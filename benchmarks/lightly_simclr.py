@@ -12,12 +12,12 @@ Written with lightly's own parts, as its CIFAR-10 examples are: ``SimCLRTransfor
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
 import torch
+from simclr_reference import record
 from torch import nn
 
 from smog_scale.models.backbone import build_backbone
@@ -60,11 +60,6 @@ def train(images: Path, run: Path, seed: int, steps: int, every: int, backbone_n
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                log.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
-                if step % every == 0:
-                    top1 = knn(backbone.eval())
-                    backbone.train()
-                    log.write(json.dumps({"step": step, "event": "knn", "knn_top1": top1}) + "\n")
-                log.flush()
+                record(log, step, float(loss), every, backbone, knn)
                 if step == steps:
                     break

@@ -19,7 +19,7 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import TextIO, cast
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +93,17 @@ def train(images: Path, run: Path, seed: int, steps: int, every: int, backbone_n
                 loss.backward()
                 optimizer.step()
                 step += 1
-                log.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
-                if step % every == 0:
-                    top1 = knn(backbone.eval())
-                    backbone.train()
-                    log.write(json.dumps({"step": step, "event": "knn", "knn_top1": top1}) + "\n")
-                log.flush()
+                record(log, step, float(loss), every, backbone, knn)
                 if step == steps:
                     break
+
+
+def record(log: TextIO, step: int, loss: float, every: int, backbone: nn.Module,
+           knn: Callable[[nn.Module], float]) -> None:
+    """Append the step's loss to ``log``, and every ``every`` steps the backbone's kNN top-1 (scored in eval mode)."""
+    log.write(json.dumps({"step": step, "loss": loss}) + "\n")
+    if step % every == 0:
+        top1 = knn(backbone.eval())
+        backbone.train()
+        log.write(json.dumps({"step": step, "event": "knn", "knn_top1": top1}) + "\n")
+    log.flush()
