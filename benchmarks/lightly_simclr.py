@@ -60,6 +60,6 @@ def train(images: Path, run: Path, seed: int, steps: int, every: int, backbone_n
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                record(log, step, float(loss), every, backbone, knn)
+                record(log, step, loss.item(), every, backbone, knn)
                 if step == steps:
                     break

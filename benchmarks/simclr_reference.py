@@ -93,7 +93,7 @@ def train(images: Path, run: Path, seed: int, steps: int, every: int, backbone_n
                 loss.backward()
                 optimizer.step()
                 step += 1
-                record(log, step, float(loss), every, backbone, knn)
+                record(log, step, loss.item(), every, backbone, knn)
                 if step == steps:
                     break
 
