@@ -15,16 +15,17 @@ memory first, the trainer streams the shards; both draw images uniformly with re
 cropped by the same code (the recipe's ``MultiCrop``; the plain loop in its own process between steps), the
 same networks from the same seed, the same objective math (the package's labels, assignments, synchronous
 group update, group contrast loss, G commit, cache push and EMA), the same optimizer with the same
-parameter groups and the same lr / beta / m schedules, the loss read on the recipe's log steps. Left out of
+parameter groups and the same lr / beta / m schedules, the loss read on the log steps. Left out of
 both: re-grouping (``grouping.regroup_every=0``, ``grouping.reset_momentum=false``: k-means is a periodic
 event, ``bench_kmeans.py`` times it), the kNN monitor and checkpoints (the trainer's one save comes after the
 timed steps). Scales: ``small`` is ``recipes/small_32px.yaml`` on the 32-px digits (written under
 ``--data`` on first use, as ``bench_learning.py`` does), ``demo`` is ``recipes/demo_cpu.yaml`` on the demo
-images (``make demo``'s). A run times the steps after its warm-up up to its last step, both log steps of
-the recipe, with the trainer's ``metrics.jsonl`` timestamps and the plain loop's clock. Every run is its own
-process with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` fixed to ``--threads``; the loops alternate (the first
-of each round alternates too) so that drift in the machine's load hits both; the table gives each run, the
-medians and their ratio, with the conditions (date, CPU, threads, ``OPENBLAS_CORETYPE``, load average).
+images (``make demo``'s). Both loops log every 5 steps (``run.log_every=5``); a run times the steps after
+its warm-up up to its last step, both log steps, with the trainer's ``metrics.jsonl`` timestamps and the
+plain loop's clock (short windows: the benchmark machine is small and shared). Every run is its own process
+with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` fixed to ``--threads``; the loops alternate (the first of each
+round alternates too) so that drift in the machine's load hits both; the table gives each run, the medians
+and their ratio, with the conditions (date, CPU, threads, ``OPENBLAS_CORETYPE``, load average).
 
 **Grouping** (``grouping``): a SMoG step against the same networks' BYOL step (the trainer's
 ``model.objective: byol``: no grouping), alternating in one process on random uint8 crops.
@@ -96,14 +97,14 @@ def demo_shards(data: Path) -> Path:
 
 
 SCALES = {
-    "small": Scale(ROOT / "recipes" / "small_32px.yaml", small_shards, warmup=25, steps=50),
-    "demo": Scale(ROOT / "recipes" / "demo_cpu.yaml", demo_shards, warmup=10, steps=40),
+    "small": Scale(ROOT / "recipes" / "small_32px.yaml", small_shards, warmup=5, steps=15),
+    "demo": Scale(ROOT / "recipes" / "demo_cpu.yaml", demo_shards, warmup=5, steps=15),
 }
 
 
 def same_work(shards: Path, steps: int) -> list[str]:
     """The recipe overrides both loops run with (see the module docstring)."""
-    return [f"data.train_shards={shards}", f"run.max_steps={steps}", f"run.save_every={steps}",
+    return [f"data.train_shards={shards}", f"run.max_steps={steps}", f"run.save_every={steps}", "run.log_every=5",
             "grouping.regroup_every=0", "grouping.reset_momentum=false", "monitor.knn_every_epochs=0"]
 
 
