@@ -45,7 +45,10 @@ class RunConfig:
 class DataConfig:
     train_shards: str = ""  # WebDataset URL pattern: /path/in1k-{000000..001023}.tar, http(s)://..., pipe:...
     num_samples: int | None = None  # samples per epoch; read from manifest.json beside the shards if unset
-    num_workers: int = 8  # loader processes per rank; 8-12 per GPU at 224 px with multi-crop
+    # Loader processes per rank: 8-12 per GPU at 224 px with multi-crop. On a CPU run 0 unless cores are spare
+    # beyond the compute threads: a worker decoding during the step slows it by more than the decoding
+    # takes (the run log says so); 0 decodes in the training process between steps (issue 22).
+    num_workers: int = 8
     shuffle_buffer: int = 5000  # samples; larger mixes better, costs memory (~100 kB per sample)
     open_attempts: int = 3  # tries to open a shard URL before the run stops naming it
     retry_delay_s: float = 1.0  # back-off unit between those tries (try k waits k x this)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ from smog_scale.data.shard_reading import (
 __all__ = [
     "MANIFEST_NAME", "SampleFailures", "ShardCheckError", "ShardError", "ShardLoader", "ShardOpenError",
     "ShardStallError", "TrainLoader", "build_eval_loader", "build_train_loader", "check_shards", "count_samples",
-    "read_manifest", "shard_urls",
+    "cpu_worker_note", "read_manifest", "shard_urls",
 ]
 
 
@@ -220,6 +221,24 @@ def build_train_loader(
     return TrainLoader(build, epoch=epoch, start_batch=start_batch, num_batches=worker_batches * workers,
                        global_batch_size=batch_size * world_size, num_workers=num_workers, pin_memory=pin_memory,
                        read_timeout_s=options.read_timeout_s, persistent_workers=persistent_workers)
+
+
+def cpu_worker_note(num_workers: int, device: torch.device) -> str | None:
+    """Why a CPU run's ``num_workers`` loader processes slow its steps, or None when they have cores of their own.
+
+    On a CPU the step's compute threads (``torch.get_num_threads()``) run every parallel op to a barrier:
+    a worker decoding meanwhile takes a core from one thread and the op waits for it, so the step loses
+    more than the decoding time (issue 22, benchmarks/README.md). Without a spare core, decoding in the
+    training process between steps (``data.num_workers=0``) costs just the decoding time. On a GPU the
+    training process mostly waits for the device: workers as the recipe says.
+    """
+    cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    spare = max(cores - torch.get_num_threads(), 0)
+    if device.type != "cpu" or num_workers <= spare:
+        return None
+    return (f"data.num_workers={num_workers} loader processes compete with {torch.get_num_threads()} compute "
+            f"threads for {cores} cores and slow every step: set data.num_workers={spare} (0: decode in the "
+            "training process) or fewer threads (OMP_NUM_THREADS)")
 
 
 def _eval_sample(sample: dict, image_size: int) -> tuple[torch.Tensor, int, str]:

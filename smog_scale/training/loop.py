@@ -27,7 +27,7 @@ from smog_scale import dist
 from smog_scale.config.derived import derive
 from smog_scale.config.schema import Config, Derived, resolved
 from smog_scale.config.validation import crop_specs
-from smog_scale.data.shards import TrainLoader, build_train_loader
+from smog_scale.data.shards import TrainLoader, build_train_loader, cpu_worker_note
 from smog_scale.method.feature_cache import FeatureCache
 from smog_scale.method.grouping import GroupBank
 from smog_scale.method.regroup_schedule import schedule
@@ -193,7 +193,8 @@ def run_training(state: TrainState, run: Run) -> int:
 
     Returns :func:`train`'s exit code. An error propagates once the loader's workers are shut down."""
     log = RunLog(state)
-    for note in (*run.notes, schedule(state.cfg, state.derived)):
+    workers = cpu_worker_note(state.cfg.data.num_workers, state.accelerator.device)
+    for note in (*run.notes, schedule(state.cfg, state.derived), *([workers] if workers else [])):
         log.message(note)
     if run.resume_from is not None:
         for key, value in checkpoint.load(state.accelerator, run.resume_from, state.bank, state.cache).items():

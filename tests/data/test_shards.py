@@ -18,6 +18,7 @@ from smog_scale.data.shards import (
     build_train_loader,
     check_shards,
     count_samples,
+    cpu_worker_note,
     read_manifest,
     shard_urls,
 )
@@ -179,3 +180,16 @@ def test_eval_loader_length_is_the_batches_it_yields(tmp_path: Path, workers: in
     assert len(loader) == sum(1 for _ in loader)
     with pytest.raises(TypeError, match="no manifest"):
         len(build_eval_loader(f"pipe:cat {shard_urls(urls)[0]}", image_size=8, batch_size=2, num_workers=0))
+
+
+def test_cpu_worker_note_only_where_workers_would_take_the_compute_threads_cores(monkeypatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(4)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cpu = torch.device("cpu")
+    assert cpu_worker_note(2, cpu) is None  # 4 cores: 2 compute threads, 2 spare
+    assert "data.num_workers=2" in (cpu_worker_note(3, cpu) or "")
+    assert cpu_worker_note(8, torch.device("cuda")) is None  # the GPU computes: workers as the recipe says
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 cores per process, both computing
+    assert "data.num_workers=0" in (cpu_worker_note(1, cpu) or "")
+    assert cpu_worker_note(0, cpu) is None
