@@ -126,7 +126,7 @@ def agree_on_failure(error: BaseException | None) -> None:
     if not is_distributed():
         return
     group = _host_group()
-    failed = torch.tensor([0 if error is None else 1])
+    failed = torch.tensor([0 if error is None else 1], device="cpu")  # on the host: the group is gloo
     torch_dist.all_reduce(failed, op=torch_dist.ReduceOp.MAX, group=group)
     if not failed.item():
         return
