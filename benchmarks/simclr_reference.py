@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import TextIO, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smog_scale.config.schema import OptimConfig
 from smog_scale.data.multicrop import CropSpec, MultiCrop, normalize
 from smog_scale.method import schedules
+from smog_scale.method.loss import nt_xent
 from smog_scale.models.backbone import build_backbone
 from smog_scale.training import optim
 
@@ -37,18 +37,6 @@ HEAD = (512, 128)  # hidden, output
 OPTIMIZER = OptimConfig(name="sgd", base_lr=0.06, weight_decay=5e-4, momentum=0.9, warmup_epochs=0)
 VIEW = CropSpec(size=32, count=2, scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
                 jitter_p=0.8, grayscale_p=0.2, blur_p=0.0, solarize_p=0.0, interpolation="bilinear")
-
-
-def nt_xent(z: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
-    """z: [2, B, D] projector outputs of both views -> mean NT-Xent loss over the 2B views."""
-    views, batch = z.shape[:2]
-    if views != 2:
-        raise ValueError(f"NT-Xent here takes exactly 2 views, got {views}")
-    flat = F.normalize(z.flatten(0, 1), dim=1)
-    logits = flat @ flat.t() / temperature
-    logits.fill_diagonal_(float("-inf"))  # a view is not its own negative
-    positives = torch.arange(2 * batch, device=z.device).roll(batch)  # view i of image j <-> the other view of j
-    return F.cross_entropy(logits, positives)
 
 
 def load_images(images: Path) -> list[bytes]:
@@ -88,7 +76,7 @@ def train(images: Path, run: Path, seed: int, steps: int, every: int, backbone_n
             for indices in epoch_batches(len(blobs), BATCH, rng):
                 optim.set_learning_rate(optimizer, schedules.learning_rate(step, steps, peak, 0))
                 views = torch.stack([torch.stack(crops(blobs[i], rng)) for i in indices], dim=1)  # [2, B, 3, S, S]
-                loss = nt_xent(net(normalize(views).flatten(0, 1)).unflatten(0, (2, len(indices))))
+                loss = nt_xent(net(normalize(views).flatten(0, 1)).unflatten(0, (2, len(indices))), TEMPERATURE)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -62,6 +62,30 @@ def all_reduce_sum_differentiable(tensor: torch.Tensor) -> torch.Tensor:
         return dist_fn.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
 
 
+def all_gather_differentiable(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every rank along dim 0, in rank order; the backward sums the
+    incoming gradients over ranks and hands each rank its own rows' share (a loss over the global batch)."""
+    if not is_distributed():
+        return tensor
+    with warnings.catch_warnings():  # see all_reduce_sum_differentiable
+        warnings.simplefilter("ignore", FutureWarning)
+        return _ContiguousGradient.apply(torch.cat(dist_fn.all_gather(tensor)))
+
+
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: the gather's backward (an all-to-all on gloo)
+    scrambles the rows of a non-contiguous gradient, e.g. one that comes back through a transpose (measured,
+    torch 2.14; tests/method/test_dist_parity.py)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor from every rank along dim 0, in rank order; ranks may hold different row counts."""
     if not is_distributed():

@@ -31,8 +31,8 @@ def derive(config: Config, world_size: int, num_samples: int | None = None) -> D
     manifests, after checking the training shards).
 
     Raises ConfigError when the global batch does not split evenly over ranks x accumulation, when
-    the union of the feature caches (each rank's share of ``grouping.cache_size``) cannot hold K groups, or
-    when an epoch is shorter than a step.
+    the union of the feature caches (each rank's share of ``grouping.cache_size``) cannot hold K groups, when
+    an epoch is shorter than a step, or when the instance warm-up takes the whole run.
     """
     if num_samples is None:
         num_samples = samples_per_epoch(config)
@@ -57,12 +57,16 @@ def derive(config: Config, world_size: int, num_samples: int | None = None) -> D
     if steps_per_epoch < 1:
         raise ConfigError(f"data.num_samples={num_samples} gives no whole step of optim.global_batch_size="
                           f"{optim.global_batch_size} for each of data.num_workers={workers} loader workers")
+    total_steps = steps_per_epoch * optim.epochs
+    if config.model.objective == "smog" and grouping.instance_warmup_steps >= total_steps:
+        raise ConfigError(f"grouping.instance_warmup_steps={grouping.instance_warmup_steps} leaves no SMoG step of the "
+                          f"run's {total_steps} ({steps_per_epoch} per epoch x optim.epochs={optim.epochs})")
     return Derived(
         world_size=world_size,
         batch_size_per_device=optim.global_batch_size // split,
         num_samples=num_samples,
         steps_per_epoch=steps_per_epoch,
-        total_steps=steps_per_epoch * optim.epochs,
+        total_steps=total_steps,
         warmup_steps=round(steps_per_epoch * optim.warmup_epochs),
         scaled_lr=optim.base_lr * optim.global_batch_size / 256,
         cache_size_per_device=share,

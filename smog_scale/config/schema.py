@@ -114,6 +114,11 @@ class GroupingConfig:
     cache_features: Literal["momentum", "online"] = "momentum"  # docs/method.md step 6 (choice)
     kmeans_mode: Literal["gather", "sharded"] = "gather"  # "sharded" when the union does not fit one rank
     kmeans_iters: int = 20
+    # Instance-contrastive warm-up (docs/method.md "Instance warm-up"; our choice, off in the paper's recipes): for
+    # the first N optimizer steps the loss is NT-Xent over the online projector outputs of the global views (every
+    # image its own group), G stays as it is and the caches fill; the first re-grouping follows step N.
+    instance_warmup_steps: int = 0
+    instance_tau: float = 0.2  # NT-Xent temperature of the warm-up (SimCLR's small-data value)
 
 
 

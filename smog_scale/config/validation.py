@@ -147,6 +147,8 @@ def validate(config: Config) -> None:
         (config.grouping.num_groups >= 2, "grouping.num_groups must be at least 2"),
         (config.grouping.cache_size >= 1, "grouping.cache_size must be positive"),
         (config.grouping.min_rows_per_group >= 1, "grouping.min_rows_per_group must be at least 1"),
+        (config.grouping.instance_warmup_steps >= 0, "grouping.instance_warmup_steps must not be negative"),
+        (config.grouping.instance_tau > 0, "grouping.instance_tau must be positive"),
         (config.run.max_steps is None or config.run.max_steps > 0, "run.max_steps must be positive"),
         (config.run.keep_last >= 1, "run.keep_last must be at least 1"),
         (config.data.open_attempts >= 1, "data.open_attempts must be at least 1"),
@@ -164,8 +166,12 @@ def validate(config: Config) -> None:
         if not ok:
             raise ConfigError(message)
     specs = crop_specs(config)
-    if sum(spec.count for spec in specs if spec.size == specs[0].size) < 2:
+    global_views = sum(spec.count for spec in specs if spec.size == specs[0].size)
+    if global_views < 2:
         raise ConfigError("data.crops: the first crop size must have at least 2 views (the global views a, b)")
+    if config.model.objective == "smog" and config.grouping.instance_warmup_steps and global_views != 2:
+        raise ConfigError("grouping.instance_warmup_steps: the NT-Xent warm-up takes exactly 2 global views "
+                          "(data.crops' first size)")
 
 
 

@@ -1,4 +1,4 @@
-"""The losses over (view, target) pairs, pure functions of tensors: SMoG's group contrast and BYOL's.
+"""The losses over (view, target) pairs, pure functions of tensors: SMoG's group contrast, BYOL's and NT-Xent.
 
 SMoG's group contrast (docs/method.md step 4) and BYOL's normalized-prediction loss (the instance-level
 control, docs/method.md "The BYOL control"). Both pair every view with the targets of the global views: a
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from smog_scale import dist
 
 
 def group_contrast_loss(
@@ -54,6 +56,32 @@ def byol_loss(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         e = F.normalize(targets.detach().to(dtype), dim=-1)
         cos = torch.einsum("vbd,gbd->vg", p, e) / batch  # [V, G]: mean cosine of each pair over the batch
     return 2 * ((2 - 2 * cos) * pairs).sum() / pairs.sum()
+
+
+def nt_xent(z: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
+    """SimCLR's NT-Xent over the GLOBAL batch (Chen et al. 2020): each of the 2 views of an image is classified
+    against the other view among every other view of every rank's batch, in float32 at least.
+
+    z: [2, B, D] this rank's projector outputs of the 2 global views (normalized here). Every rank's rows are
+    gathered with a differentiable all-gather, so with W ranks the loss is the mean over this rank's 2B anchors
+    of the one-process loss on the concatenated W*B batch, and DDP's average of the ranks' gradients is that
+    loss's gradient.
+    """
+    views, batch, _ = z.shape
+    if views != 2:
+        raise ValueError(f"NT-Xent takes exactly 2 views, got {views}")
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    with torch.autocast(z.device.type, enabled=False):
+        local = F.normalize(z.to(dtype), dim=-1)  # [2, B, D]
+        every = dist.all_gather_differentiable(local.transpose(0, 1).contiguous())  # [W*B, 2, D]
+        candidates = every.transpose(0, 1).flatten(0, 1)  # [2*W*B, D]: view a of every image, then view b
+        logits = local.flatten(0, 1) @ candidates.t() / tau  # [2B, 2WB]
+    total, offset = every.shape[0], dist.rank() * batch
+    view = torch.arange(2, device=z.device).repeat_interleave(batch)  # each anchor's view
+    image = torch.arange(batch, device=z.device).repeat(2) + offset  # each anchor's image, global index
+    own = view * total + image  # the anchor itself: not a candidate
+    logits = logits.scatter(1, own.unsqueeze(1), float("-inf"))
+    return F.cross_entropy(logits, (1 - view) * total + image)  # the other view of the same image
 
 
 def pair_weights(num_views: int, num_global: int, device: torch.device) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """What one micro-batch computes from the networks' outputs, by the recipe's ``model.objective``.
 
-SMoG's grouping and group contrast loss (docs/method.md "One training step"), or BYOL's loss for the
-instance-level control (docs/method.md "The BYOL control"). Functions of tensors shared by the trainer,
-the tests and the benchmarks.
+SMoG's grouping and group contrast loss (docs/method.md "One training step"), its optional instance
+warm-up (docs/method.md "Instance warm-up"), or BYOL's loss for the instance-level control (docs/method.md
+"The BYOL control"). Functions of tensors shared by the trainer, the tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from smog_scale.config.schema import Config
-from smog_scale.method.grouping import GroupBank, GroupStatistics, Update, assign, group_update
-from smog_scale.method.loss import byol_loss, group_contrast_loss, pair_weights
+from smog_scale.method.grouping import GroupBank, GroupStatistics, Update, assign, group_statistics, group_update
+from smog_scale.method.loss import byol_loss, group_contrast_loss, nt_xent, pair_weights
 from smog_scale.models.smog import SMoGOutput
 
 
@@ -93,9 +93,32 @@ def byol_step(out: SMoGOutput) -> ByolStep:
     return ByolStep(loss, torch.isfinite(loss))
 
 
-def objective_step(out: SMoGOutput, cfg: Config, bank: GroupBank, beta: float) -> GroupingStep | ByolStep:
-    """The recipe's objective on one micro-batch's outputs (``bank``: G and its update counts, for SMoG)."""
+def instance_warmup_step(out: SMoGOutput, groups: torch.Tensor, tau: float, cache_online: bool = False,
+                         update: Update = "momentum") -> GroupingStep:
+    """The instance warm-up's micro-batch (docs/method.md "Instance warm-up"): NT-Xent over the global batch of
+    the online projector outputs of the 2 global views, every image its own group. G gets no update (the
+    statistics have no member in any group, so the commit keeps it); the cache fills as in SMoG's step 6, and
+    the health signals are those of G's labels, so the log shows the agreement the first re-grouping starts from.
+    """
+    num_global, batch = out.e.shape[:2]
+    dtype = torch.promote_types(out.z.dtype, torch.float32)
+    loss = nt_xent(out.z[:num_global], tau)
+    with torch.autocast(out.z.device.type, enabled=False):
+        e = F.normalize(out.e.to(dtype), dim=-1)
+        z_global = F.normalize(out.z[:num_global].detach().to(dtype), dim=-1).flatten(0, 1)
+        labels = assign(groups, e.flatten(0, 1)).view(num_global, batch)
+        none = group_statistics(groups.shape[0], z_global[:0], labels.flatten()[:0], update)  # no member: G stays
+    cache_feats = z_global if cache_online else e.flatten(0, 1)
+    ok = torch.isfinite(loss) & torch.isfinite(cache_feats).all()
+    return GroupingStep(loss, groups.to(dtype), none, cache_feats, grouping_health(out.p, labels, groups), ok)
+
+
+def objective_step(out: SMoGOutput, cfg: Config, bank: GroupBank, beta: float, step: int) -> GroupingStep | ByolStep:
+    """The recipe's objective on one micro-batch's outputs at optimizer step ``step`` (``bank``: G and its update
+    counts, for SMoG; before ``grouping.instance_warmup_steps`` the instance warm-up's)."""
     if cfg.model.objective == "byol":
         return byol_step(out)
     g = cfg.grouping
+    if step < g.instance_warmup_steps:
+        return instance_warmup_step(out, bank.groups, g.instance_tau, g.cache_features == "online", g.update)
     return grouping_step(out, bank.groups, beta, g.tau, g.cache_features == "online", g.update, bank.updates)

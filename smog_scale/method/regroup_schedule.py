@@ -27,13 +27,19 @@ def first_regroup_step(cfg: Config, derived: Derived) -> int:
     return math.ceil(rows_needed(cfg, derived) / (global_views * cfg.optim.global_batch_size))
 
 
+def first_regroup_after(cfg: Config, derived: Derived) -> int:
+    """The optimizer step the first re-grouping follows: when the caches hold enough rows, and not before the
+    instance warm-up's last step (``instance_warmup_steps`` committed steps), so SMoG's first step has its groups."""
+    return max(first_regroup_step(cfg, derived), cfg.grouping.instance_warmup_steps)
+
+
 def regroup_due(cfg: Config, derived: Derived, step: int) -> bool:
     """Whether a re-grouping follows optimizer step ``step``.
 
-    As soon as the caches hold enough rows (:func:`first_regroup_step`), and every ``regroup_every`` steps
-    (0: never, nor early)."""
-    every = cfg.grouping.regroup_every
-    return every > 0 and (step % every == 0 or step == first_regroup_step(cfg, derived))
+    As soon as the caches hold enough rows (:func:`first_regroup_step`) and the instance warm-up is over, and
+    every ``regroup_every`` steps after that (0: never, nor early)."""
+    every, warmup = cfg.grouping.regroup_every, cfg.grouping.instance_warmup_steps
+    return every > 0 and step >= warmup and (step % every == 0 or step == first_regroup_after(cfg, derived))
 
 
 def schedule(cfg: Config, derived: Derived) -> str:
@@ -41,8 +47,10 @@ def schedule(cfg: Config, derived: Derived) -> str:
     every = cfg.grouping.regroup_every
     if cfg.model.objective == "byol" or not every:
         return "re-grouping: never (" + ("model.objective=byol)" if every else "grouping.regroup_every=0)")
-    return (f"re-grouping: first after step {first_regroup_step(cfg, derived)} (when the caches hold "
-            f"{rows_needed(cfg, derived)} rows), then every {every} steps")
+    warmup = cfg.grouping.instance_warmup_steps
+    return (f"re-grouping: first after step {first_regroup_after(cfg, derived)} (when the caches hold "
+            f"{rows_needed(cfg, derived)} rows" + (f" and the {warmup}-step instance warm-up is over" if warmup else "")
+            + f"), then every {every} steps")
 
 
 def reset_due(grouping: GroupingConfig, step: int) -> bool:

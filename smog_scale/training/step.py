@@ -93,7 +93,7 @@ def train_step(state: TrainState, batch: dict) -> StepEnd | None:
     with acc.accumulate(state.model):
         with acc.autocast():
             out = state.model(crops)
-        result = objective_step(out, cfg, state.bank, beta)
+        result = objective_step(out, cfg, state.bank, beta, step)
         bad_ranks, stop_ranks, skipped = step_flags(result.ok, state.stop_signal, batch.get("skipped", 0)).tolist()
         state.stop_requested = stop_ranks > 0
         state.skipped_samples += int(skipped)

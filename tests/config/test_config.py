@@ -63,10 +63,14 @@ def test_load_with_overrides_and_dump(recipe, tmp_path):
     ("grouping.reset_every=0", "grouping.reset_every must be positive"),
     ("grouping.reset_every=10 grouping.reset_momentum=false", "grouping.reset_every needs grouping.reset_momentum=true"),
     ("grouping.regroup_every=0", "grouping.reset_momentum=true with grouping.regroup_every=0 needs grouping.reset_every"),
+    # The instance warm-up (docs/method.md "Instance warm-up").
+    ("grouping.instance_warmup_steps=-1", "grouping.instance_warmup_steps must not be negative"),
+    ("grouping.instance_tau=0", "grouping.instance_tau must be positive"),
+    ("grouping.instance_warmup_steps=5 data.crops=[{size: 32, count: 3}]", "takes exactly 2 global views"),
 ])
 def test_errors_name_the_key(recipe, override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(recipe, override.split(" ") if "grouping.reset" in override else [override])
+        load_config(recipe, override.split(" ", 1) if override.startswith(("grouping.reset", "grouping.instance")) else [override])
     assert message in str(err.value)
 
 
@@ -104,6 +108,12 @@ def test_missing_recipe_and_impossible_launches(recipe, tmp_path):
     assert derive(fits, world_size=3, num_samples=10_000).cache_size_per_device == 333  # equal shares, rounded down
     with pytest.raises(ConfigError, match="global_batch_size=64 is not divisible by world size 3"):
         derive(load_config(recipe), world_size=3, num_samples=10_000)
+    with pytest.raises(ConfigError, match=r"instance_warmup_steps=304 leaves no SMoG step of the run's 304 \(152 per "
+                                          r"epoch x optim.epochs=2\)"):
+        derive(load_config(recipe, ["grouping.instance_warmup_steps=304", "optim.epochs=2"]), 1, num_samples=10_000)
+    assert derive(load_config(recipe, ["grouping.instance_warmup_steps=303", "optim.epochs=2"]), 1, 10_000).total_steps == 304
+    byol = ["grouping.instance_warmup_steps=304", "optim.epochs=2", "model.objective=byol"]  # its control: unused
+    assert derive(load_config(recipe, byol), 1, 10_000).total_steps == 304
     with pytest.raises(ConfigError, match="gives no whole step of optim.global_batch_size=64"):
         derive(load_config(recipe, ["grouping.num_groups=10"]), world_size=1, num_samples=10)
 

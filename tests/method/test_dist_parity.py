@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from smog_scale.method.grouping import UPDATES
 from smog_scale.method.health import label_churn
+from smog_scale.method.loss import nt_xent
 from smog_scale.method.objectives import grouping_step
 from smog_scale.models.smog import SMoGOutput
 from tests.helpers import EPS32, run_on_ranks, summation_atol
@@ -51,9 +52,18 @@ def _rank_fn(rank, world):
         health = dist.all_reduce_sum(step.health) / world  # what RunLog logs: the mean over ranks
         results[update] = {"groups": step.new_groups.detach(), "counts": step.stats.counts, "loss": loss,
                            "health": health, **grads}
+    loss, grad = _nt_xent_step(images[:2, rank * BATCH:(rank + 1) * BATCH])
+    results["nt_xent"] = {"loss": dist.all_reduce_sum(loss) / world, "online": dist.all_reduce_sum(grad) / world}
     old, new = _relabelled()
     results["churn"] = label_churn(old[rank::world], new[rank::world], NUM_GROUPS)
     return results
+
+
+def _nt_xent_step(images):
+    """The instance warm-up's loss (docs/method.md "Instance warm-up") on the linear stand-in's global views."""
+    online = _problem()[0]["online"].requires_grad_(True)
+    loss = nt_xent(images @ online, tau=0.2)
+    return loss.detach(), torch.autograd.grad(loss, online)[0]
 
 
 def _relabelled():
@@ -71,10 +81,18 @@ def test_two_ranks_equal_one_process_on_concatenated_batch():
     The deterministic rules also give one process's loss and gradients; random_select draws its members
     differently (its keys come from each rank's generator), so there G' must be identical on both ranks and
     made of the global batch's members, one per group with members. The health signals are the global batch's
-    too: the step's as the mean over ranks, the label churn over the union of the ranks' caches."""
+    too: the step's as the mean over ranks, the label churn over the union of the ranks' caches. The instance
+    warm-up's NT-Xent is the global batch's as well."""
     _, images, _ = _problem()
     ranks = run_on_ranks(_rank_fn, 2)
     assert ranks[0]["churn"] == ranks[1]["churn"] == label_churn(*_relabelled(), NUM_GROUPS) > 0  # the union's
+    # NT-Xent over the global batch: each rank's anchors against every rank's views (2 * 2 * BATCH - 1 terms each)
+    loss, grad = _nt_xent_step(images[:2])
+    for result in (r["nt_xent"] for r in ranks):
+        torch.testing.assert_close(result["loss"], loss, rtol=0,
+                                   atol=summation_atol(torch.float64, 4 * 2 * BATCH * 2 * BATCH, float(loss)))
+        torch.testing.assert_close(result["online"], grad, rtol=0,
+                                   atol=summation_atol(torch.float64, 4 * 2 * BATCH * 2 * BATCH, float(grad.abs().max())))
     for update in UPDATES:
         single, single_grads = _step(images, update)
         assert int((single.stats.counts > 0).sum()) > 2, "test needs several groups with members"

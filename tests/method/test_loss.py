@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smog_scale.method.loss import byol_loss, group_contrast_loss
+from smog_scale.method.loss import byol_loss, group_contrast_loss, nt_xent
 from tests.helpers import summation_atol
 
 
@@ -85,3 +85,31 @@ def test_byol_matches_pair_reference_and_stops_gradient(num_local):
         half = byol_loss(preds.detach().bfloat16(), targets.bfloat16())
     assert half.dtype == torch.float32
     torch.testing.assert_close(half.double(), loss.detach(), rtol=1e-2, atol=0)  # bf16: 2^-9 a rounding
+
+
+def reference_nt_xent(z, tau):
+    """SimCLR's NT-Xent written per anchor: -log of the other view's share among every other view."""
+    rows = F.normalize(z, dim=-1).flatten(0, 1)  # view a of every image, then view b
+    batch, terms = z.shape[1], []
+    for i in range(rows.shape[0]):
+        others = [j for j in range(rows.shape[0]) if j != i]
+        logits = torch.stack([rows[i] @ rows[j] for j in others]) / tau
+        terms.append(-logits.log_softmax(0)[others.index((i + batch) % (2 * batch))])
+    return torch.stack(terms).mean()
+
+
+def test_nt_xent_matches_the_per_anchor_reference():
+    z = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    loss = nt_xent(z, 0.2)
+    torch.testing.assert_close(loss, reference_nt_xent(z, 0.2), rtol=1e-12, atol=0)
+    grad, ref_grad = (torch.autograd.grad(f(z, 0.2), z)[0] for f in (nt_xent, reference_nt_xent))
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
+    z32 = z.detach().float().requires_grad_(True)
+    torch.testing.assert_close(nt_xent(z32, 0.2), loss.detach().float(), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="exactly 2 views"):
+        nt_xent(torch.randn(3, 6, 5), 0.2)
+
+
+def test_nt_xent_rewards_views_that_match():
+    aligned = torch.randn(1, 16, 8).expand(2, 16, 8)
+    assert nt_xent(aligned, 0.2) < nt_xent(torch.randn(2, 16, 8), 0.2)

@@ -23,7 +23,7 @@ from smog_scale.method.centroid_search import NearestCentroid
 from smog_scale.method.feature_cache import FeatureCache
 from smog_scale.method.grouping import GroupBank, assign
 from smog_scale.method.health import assignment_health, cluster_size_health
-from smog_scale.method.objectives import byol_step, grouping_step
+from smog_scale.method.objectives import byol_step, grouping_step, instance_warmup_step
 from smog_scale.models.smog import SMoGModel
 from smog_scale.training.step import step_flags
 
@@ -88,6 +88,25 @@ def test_byol_step_under_bf16_autocast_commits_no_groups(model, cuda):
     assert result.loss.dtype == torch.float32 and result.loss.device == result.ok.device == cuda
     accumulator.add(result.loss, False)
     assert accumulator.stats is None and accumulator.mean_loss().device == cuda
+    accumulator.commit(bank, cache, beta=0.99)
+    assert bank.groups.device == cache.feats.device == cuda
+
+
+def test_instance_warmup_step_under_bf16_autocast_commits_g_unchanged(model, cuda):
+    """The instance warm-up's NT-Xent on the device in bf16 (docs/method.md "Instance warm-up"): float32 loss,
+    statistics without members, so the commit keeps G's rows on the device; the cache takes the momentum rows."""
+    model = model.to(cuda)
+    bank, cache = GroupBank(K, D).to(cuda), FeatureCache(32, D).to(cuda)
+    accumulator = StepAccumulator(cuda)
+    accumulator.start(model.buffers())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(crops(cuda))
+    result = instance_warmup_step(out, bank.groups, tau=0.2)
+    assert result.loss.dtype == result.new_groups.dtype == torch.float32 and result.health.shape == (2,)
+    assert result.stats.counts.shape == (K,) and result.cache_feats.shape == (2 * B, D)
+    assert {t.device for t in (*result[:2], *result.stats[:2], *result[3:])} == {cuda}
+    accumulator.add(result.loss, False, result.stats, (result.cache_feats, torch.arange(2 * B, device=cuda)),
+                    result.health)
     accumulator.commit(bank, cache, beta=0.99)
     assert bank.groups.device == cache.feats.device == cuda
 

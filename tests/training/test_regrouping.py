@@ -14,7 +14,7 @@ from smog_scale.eval.plots import plot_training_curves
 from smog_scale.method import regroup_schedule
 from smog_scale.training import regrouping
 from smog_scale.training.step import TrainState, train_step
-from tests.helpers import BATCH, ROOT, TINY, synthetic_batch, tiny_state
+from tests.helpers import BATCH, EPS32, ROOT, TINY, synthetic_batch, tiny_state
 
 
 class Log:
@@ -115,3 +115,27 @@ def test_health_signals_in_the_run_log(tmp_path, shards):  # noqa: F811
     assert not any("k-means search" in m for m in regrouped[1:])
     drawn = plot_training_curves(run / "metrics.jsonl", tmp_path / "curves.png")
     assert {"label_agreement", "prediction_hit_rate", "regroup/label_churn"} <= set(drawn)
+
+
+def test_instance_warmup_keeps_groups_fills_the_caches_then_regroups(tmp_path, shards):  # noqa: F811
+    """docs/method.md "Instance warm-up": for the first N steps NT-Xent trains the networks, G stays as built
+    and the caches fill; the first re-grouping (with its momentum reset) follows step N even though the
+    caches held enough rows after step 1, then the period takes over."""
+    state = tiny_state(tmp_path, shards, "grouping.regroup_every=3", "grouping.min_rows_per_group=2",
+                       "grouping.instance_warmup_steps=4")
+    assert regroup_schedule.schedule(state.cfg, state.derived) == (
+        "re-grouping: first after step 4 (when the caches hold 16 rows and the 4-step instance warm-up is over), "
+        "then every 3 steps")
+    built, log = state.bank.groups.clone(), Log()
+    model = state.accelerator.unwrap_model(state.model)
+    for step in range(7):
+        weights = model.online.projector[0].weight.detach().clone()
+        end = train_step(state, synthetic_batch(step, 0))
+        assert end is not None and end.committed and torch.isfinite(torch.as_tensor(end.metrics["loss"]))
+        assert not torch.equal(weights, model.online.projector[0].weight)  # the networks train in both phases
+        if step < 4:
+            torch.testing.assert_close(state.bank.groups, built, rtol=0, atol=4 * EPS32)  # renormalized only
+            assert int(state.cache.filled) == BATCH * 2 * (step + 1)
+        regrouping.after_step(state, log)
+    assert log.regroups == [4, 6]
+    assert not torch.equal(state.bank.groups, built)
