@@ -102,7 +102,8 @@ def instance_warmup_step(out: SMoGOutput, groups: torch.Tensor, tau: float, cach
     """
     num_global, batch = out.e.shape[:2]
     dtype = torch.promote_types(out.z.dtype, torch.float32)
-    loss = nt_xent(out.z[:num_global], tau)
+    # The predictor gets a zero gradient, not none: DDP fails a step in which a parameter had no gradient.
+    loss = nt_xent(out.z[:num_global], tau) + 0.0 * out.p.float().sum()
     with torch.autocast(out.z.device.type, enabled=False):
         e = F.normalize(out.e.to(dtype), dim=-1)
         z_global = F.normalize(out.z[:num_global].detach().to(dtype), dim=-1).flatten(0, 1)

@@ -14,7 +14,7 @@ from smog_scale.eval.plots import plot_training_curves
 from smog_scale.method import regroup_schedule
 from smog_scale.training import regrouping
 from smog_scale.training.step import TrainState, train_step
-from tests.helpers import BATCH, EPS32, ROOT, TINY, synthetic_batch, tiny_state
+from tests.helpers import BATCH, EPS32, ROOT, TINY, events, launch, records, synthetic_batch, tiny_state
 
 
 class Log:
@@ -139,3 +139,15 @@ def test_instance_warmup_keeps_groups_fills_the_caches_then_regroups(tmp_path, s
         regrouping.after_step(state, log)
     assert log.regroups == [4, 6]
     assert not torch.equal(state.bank.groups, built)
+
+
+@pytest.mark.slow
+def test_instance_warmup_on_two_ranks_under_ddp(tmp_path, shards):  # noqa: F811
+    """The warm-up's loss leaves the predictor out; DDP must still see every parameter used (or its next step
+    fails waiting for their gradients), so the step runs on 2 gloo ranks, past the warm-up into SMoG."""
+    run = tmp_path / "run"
+    launch(run, shards, "run.max_steps=6", "grouping.instance_warmup_steps=3", "grouping.regroup_every=3",
+           "grouping.min_rows_per_group=2", processes=2)
+    losses = [r["loss"] for r in records(run)]
+    assert len(losses) == 6 and all(abs(x) < 1e3 for x in losses)
+    assert [r["step"] for r in events(run, "regroup")] == [3, 6]
