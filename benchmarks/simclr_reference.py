@@ -5,8 +5,11 @@ reproduces the public one: views from ``smog_scale.data.multicrop`` (the trainer
 the JPEG bytes of the ImageFolder: random resized crop at 32 px with scale [0.2, 1] and bilinear resampling,
 flip, ``ColorJitter(0.4, 0.4, 0.4, 0.1)`` with p 0.8, grayscale with p 0.2, no blur, ImageNet normalization),
 batches drawn without replacement (one seeded permutation per epoch, the last partial batch dropped), the
-recipe's backbone from ``smog_scale.models.backbone``, a 512 -> 512 -> 128 projection head (Linear, BatchNorm,
-ReLU, Linear), NT-Xent at temperature 0.2 over the 2B views, and the trainer's optimizer factory and schedule
+recipe's backbone from ``smog_scale.models.backbone``, lightly's 512 -> 512 -> 128 projection head (bias-free
+Linear, BatchNorm, ReLU, bias-free Linear, BatchNorm), each view through the network on its own (BatchNorm
+statistics per view, as lightly's examples call the model once per view; with the head, worth 10 kNN points at
+step 250, benchmarks/README.md), NT-Xent at temperature 0.2 over the 2B views, and the trainer's optimizer
+factory and schedule
 (``training.optim``: SGD, lr 0.06 x batch / 256, momentum 0.9, weight decay 5e-4 except on biases and norm
 parameters; ``method.schedules``: cosine to 0, no warm-up).
 
@@ -64,8 +67,8 @@ def train(images: Path, run: Path, seed: int, steps: int, every: int, backbone_n
     backbone = build_backbone(backbone_name, **backbone_kwargs)
     width = cast(int, backbone.num_features)
     hidden, out = HEAD
-    net = nn.Sequential(backbone, nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                        nn.Linear(hidden, out))
+    net = nn.Sequential(backbone, nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden),
+                        nn.ReLU(inplace=True), nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out))
     peak = OPTIMIZER.base_lr * BATCH / 256
     optimizer = optim.build_optimizer(net, OPTIMIZER, peak)
     crops = MultiCrop([VIEW])
@@ -76,7 +79,7 @@ def train(images: Path, run: Path, seed: int, steps: int, every: int, backbone_n
             for indices in epoch_batches(len(blobs), BATCH, rng):
                 optim.set_learning_rate(optimizer, schedules.learning_rate(step, steps, peak, 0))
                 views = torch.stack([torch.stack(crops(blobs[i], rng)) for i in indices], dim=1)  # [2, B, 3, S, S]
-                loss = nt_xent(net(normalize(views).flatten(0, 1)).unflatten(0, (2, len(indices))), TEMPERATURE)
+                loss = nt_xent(torch.stack([net(view) for view in normalize(views)]), TEMPERATURE)  # BN per view
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
