@@ -92,12 +92,18 @@ runpy.run_path({script!r}, run_name="__main__")
 '''
 
 
+# bf16 on the CPU: TINY's 16- and 32-px crops give test_resnet's layer3/4 convolutions taps that see only padding,
+# whose bf16 weight gradients torch leaves as garbage; the trainer refuses them (training/cpu_bf16.py).
+BF16_CROPS = ["data.crops=[{size: 64, count: 2, scale: [0.3, 1.0]}, "
+              "{size: 48, count: 2, scale: [0.1, 0.3], blur_p: 0.5}]"]
+
+
 def launch_deepspeed(run: Path, shards: Path, precision: str, *overrides: str, script: Path = TRAIN,
                      processes: int = 1, stage: int = 2):
     """``accelerate launch`` of ``script`` (the trainer, or a wrapper calling ``train.main``) under DeepSpeed
-    ZeRO ``stage`` on DeepSpeed's CPU accelerator, AdamW; returns the CompletedProcess. Like the shipped
-    DeepSpeed configs, the launch says gradient_accumulation_steps 1 (the recipe's value must win). Several
-    ``processes`` run ``script`` through ``GLOO_DEEPSPEED`` (written beside ``run``)."""
+    ZeRO ``stage`` on DeepSpeed's CPU accelerator, AdamW, bf16 at BF16_CROPS; returns the CompletedProcess. Like
+    the shipped DeepSpeed configs, the launch says gradient_accumulation_steps 1 (the recipe's value must win).
+    Several ``processes`` run ``script`` through ``GLOO_DEEPSPEED`` (written beside ``run``)."""
     pytest.importorskip("deepspeed")
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(DS_ACCELERATOR="cpu")
@@ -109,7 +115,8 @@ def launch_deepspeed(run: Path, shards: Path, precision: str, *overrides: str, s
            "--gradient_accumulation_steps", "1", "--num_processes", str(processes), "--num_machines", "1",
            "--main_process_port", "0", "--mixed_precision", precision, "--dynamo_backend", "no",
            str(script), str(ROOT / "recipes" / "demo_cpu.yaml"), f"data.train_shards={shards}", *TINY,
-           "optim.base_lr=0.001", "optim.weight_decay=0.05", f"run.output_dir={run}", "optim.name=adamw", *overrides]
+           "optim.base_lr=0.001", "optim.weight_decay=0.05", f"run.output_dir={run}", "optim.name=adamw",
+           *(BF16_CROPS if precision == "bf16" else []), *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -97,6 +97,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path, shards):
     ("optim.epochs=many", "optim.epochs: expected int, got 'many'"),
     ("data.train_shards=/nowhere/x-{0..3}.tar", "4 of 4 shards of '/nowhere/x-{0..3}.tar' cannot be read: /nowhere/x-0.tar does not exist"),
     ("grouping.num_groups=100", "grouping.num_groups=100 exceeds the feature cache: grouping.cache_size=64 leaves"),
+    ("run.mixed_precision=bf16", "bf16 on the CPU: torch's CPU convolution backward in bf16 returns garbage weight"),
 ])
 def test_bad_recipe_exits_2_naming_the_key(tmp_path, shards, override, message):
     cmd = [sys.executable, str(TRAIN), str(ROOT / "recipes" / "demo_cpu.yaml"), f"run.output_dir={tmp_path}",

@@ -15,7 +15,7 @@ DeepSpeed, k-means with faiss on the GPU, 4 steps at the recipe's full per-devic
 memory against ``tools/memory.py``'s estimate, and images/s per device. The main process prints a table (check, ok,
 seconds, detail) and writes ``DIR/selfcheck.json``, a list of ``{"check", "ok", "seconds", "detail"}``
 with ``ok`` true, false, or null for a skipped check (the detail says why). Exit code 1 if a check
-failed, 2 for a bad recipe (before any check), else 0.
+failed, 2 for a bad recipe or one this launch refuses (``training.cpu_bf16``), before any check, else 0.
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ from smog_scale.data.synthetic.demo import write_demo
 from smog_scale.launch import memory_estimate, skip_probe
 from smog_scale.launch.selfcheck_runner import Check, Failed, Skipped, run_checks, table
 from smog_scale.method import centroid_search, kmeans
+from smog_scale.training import cpu_bf16
 from smog_scale.training.loop import make_accelerator
 
 STEPS = 4  # the first run; re-grouping every 2 steps, so k-means runs twice
@@ -379,11 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides)
+        ctx = Context(args.recipe, list(args.overrides), args.out, cfg)
+        cpu_bf16.refuse_padding_taps(cfg, ctx.launch.device, ctx.precision)
     except ConfigError as err:
         print(f"selfcheck: error: {err}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(args.recipe, list(args.overrides), args.out, cfg)
     ctx.launch.wait_for_everyone()  # the process group starts here, outside the timed checks
     rows = run_checks(ctx, CHECKS)
     ctx.launch.destroy_process_group()

@@ -32,7 +32,7 @@ from smog_scale.method.feature_cache import FeatureCache
 from smog_scale.method.grouping import GroupBank
 from smog_scale.method.regroup_schedule import schedule
 from smog_scale.models.smog import SMoGModel
-from smog_scale.training import checkpoint, deepspeed_launch, monitor, regrouping
+from smog_scale.training import checkpoint, cpu_bf16, deepspeed_launch, monitor, regrouping
 from smog_scale.training.optim import build_optimizer
 from smog_scale.training.run_dir import Run
 from smog_scale.training.run_log import RunLog
@@ -46,6 +46,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum_steps, kwargs_handlers=[timeout],
                               log_with=cfg.run.trackers or None, project_dir=cfg.run.output_dir, **precision)
     deepspeed_launch.refuse_unsupported(accelerator, cfg)
+    cpu_bf16.refuse_padding_taps(cfg, accelerator.device, accelerator.mixed_precision)
     set_cuda_backends(cfg)
     return accelerator
 

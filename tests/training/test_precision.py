@@ -1,7 +1,8 @@
 """The trainer in reduced precision on the CPU: bf16 autocast through Accelerate, and fp16 under DeepSpeed.
 
 What runs where (torch 2.14, accelerate 1.15, DeepSpeed 0.19 on this CPU):
-- ``--mixed_precision bf16`` without DeepSpeed: CPU autocast in bf16 (tested here).
+- ``--mixed_precision bf16`` without DeepSpeed: CPU autocast in bf16 (tested here), at crops where no convolution
+  has taps that see only padding (training/cpu_bf16.py).
 - ``--mixed_precision fp16`` without DeepSpeed: Accelerate enables neither autocast nor a GradScaler on the
   CPU, so the run is float32; the GradScaler path is tested in-process (training/test_step.py).
 - DeepSpeed bf16: DeepSpeed's CPU accelerator supports it (tests/test_train.py).
@@ -19,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import float_dtypes, launch, launch_deepspeed, records
+from tests.helpers import BF16_CROPS, float_dtypes, launch, launch_deepspeed, records
 
 # DeepSpeed's CPU accelerator asks oneDNN whether the CPU has fp16 kernels; torch runs fp16 without them.
 FP16_ON_CPU = '''
@@ -42,8 +43,9 @@ def check_run(run: Path, steps: int) -> dict:
 
 @pytest.mark.slow
 def test_bf16_autocast_on_cpu(tmp_path, shards):
+    """At crops where no convolution has taps that see only padding (smaller ones are refused: test_train.py)."""
     run = tmp_path / "run"
-    launch(run, shards, "run.max_steps=4", "run.mixed_precision=bf16")  # a re-grouping at step 3
+    launch(run, shards, "run.max_steps=4", "run.mixed_precision=bf16", *BF16_CROPS)  # a re-grouping at step 3
     state = check_run(run, 4)
     assert (state["global_step"], state["data_steps"], state["overflow_steps"]) == (4, 4, 0)
     weights = load_file(str(run / "checkpoints" / "step_00000004" / "model.safetensors"))
