@@ -1,16 +1,15 @@
 """bf16 on the CPU: refuse a launch whose convolutions would get garbage weight gradients from torch.
 
-torch 2.14.1's CPU (oneDNN) bf16 convolution backward leaves leftover memory in the weight gradient of the
-kernel taps that see only zero padding at every output position: values as large as 1e37, inf or NaN,
-different from run to run (measured on an AMD EPYC with AVX512-BF16, under ``--mixed_precision bf16`` autocast and under
-DeepSpeed's bf16 alike). Such a tap's true gradient is 0. Forward, input gradient and the taps that see pixels
-are right; float32 and fp16 are right. It struck ResNet's 3x3 stride-2 ``layer4.0.conv1`` on a 1x1 input
-(16-px crops of ``test_resnet``): ``torch.nn.functional.conv2d`` of a (32, 192, 1, 1) bf16 input, kernel 5,
-padding 2 gave a non-finite or wrong weight gradient in 30 of 30 tries. A mask cannot repair it: a tap that
-sees only padding at one crop size sees pixels at another, and all crops of a step share one weight gradient.
-So the trainer refuses such a launch before any work (exit 2), naming the convolution and the smallest crop
-size without such taps. The check runs the backbone on the meta device (shapes only, no compute); GPUs
-(cuDNN) are not affected and skip it.
+torch 2.14.1's CPU (oneDNN) bf16 convolution backward leaves leftover memory in the weight gradient of the kernel
+taps that see only zero padding at every output position: values as large as 1e37, inf or NaN, different from run to
+run (measured on an AMD EPYC with AVX512-BF16, under ``--mixed_precision bf16`` autocast and under DeepSpeed's bf16
+alike). Such a tap's true gradient is 0. Forward, input gradient and the taps that see pixels are right; float32 and
+fp16 are right. It struck ResNet's 3x3 stride-2 ``layer4.0.conv1`` on a 1x1 input (16-px crops of ``test_resnet``):
+``torch.nn.functional.conv2d`` of a (32, 192, 1, 1) bf16 input, kernel 5, padding 2 gave a non-finite or wrong
+weight gradient in 30 of 30 tries. A mask cannot repair it: a tap that sees only padding at one crop size sees
+pixels at another, and all crops of a step share one weight gradient. So the trainer refuses such a launch before
+any work (exit 2), naming the convolution and the smallest crop size without such taps. The check runs the backbone
+on the meta device (shapes only, no compute); GPUs (cuDNN) are not affected and skip it.
 """
 
 from __future__ import annotations
@@ -45,10 +44,14 @@ def tap_sees_pixels(size: int, kernel: int, stride: int, padding: int, dilation:
 
 
 def _has_padding_only_taps(conv: torch.nn.modules.conv._ConvNd, spatial: tuple[int, ...]) -> bool:
-    if isinstance(conv.padding, str):  # "valid": no padding; "same": stride 1, every tap sees a pixel
-        return False
+    """Padding the convolution itself adds (what the bug concerns; zeros padded into the input beforehand, as
+    timm's Conv2dSame does, are data). ``padding="same"``: torch pads (k - 1) d // 2 a side itself and pads an
+    even kernel's one extra zero into the input, which is left out here."""
+    padding = conv.padding
+    if isinstance(padding, str):
+        padding = tuple(0 if padding == "valid" else d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
     return any(not all(tap_sees_pixels(size, *params))
-               for size, *params in zip(spatial, conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+               for size, *params in zip(spatial, conv.kernel_size, conv.stride, padding, conv.dilation))
 
 
 def padding_only_taps(backbone: torch.nn.Module, crop: int) -> list[PaddingTaps]:

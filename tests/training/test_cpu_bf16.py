@@ -49,6 +49,16 @@ def test_test_resnet_has_padding_only_taps_below_48_px():
     assert cpu_bf16.smallest_clean_crop(backbone, 16) == 48
 
 
+def test_string_padding_is_read_as_the_padding_torch_adds():
+    """``padding="same"`` pads 3 a side for a 7x7 kernel: on a 2x2 input its outer taps see only padding;
+    "valid" adds none."""
+    with torch.device("meta"):
+        same = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 7, padding="same"))
+        valid = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, padding="valid"))
+    assert [t.name for t in cpu_bf16.padding_only_taps(same, 2)] == ["0"]
+    assert cpu_bf16.padding_only_taps(same, 7) == [] and cpu_bf16.padding_only_taps(valid, 1) == []
+
+
 def test_bf16_on_the_cpu_is_refused_naming_the_convolution_and_the_way_out():
     cfg = load_config(ROOT / "recipes" / "demo_cpu.yaml", TINY)
     with pytest.raises(ConfigError) as refused:
